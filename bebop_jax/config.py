@@ -1,0 +1,209 @@
+"""Frozen dataclass configs, validated in ``__post_init__``.
+
+Every config fails at construction with a ``ValueError`` that names the field
+and says why, so a bad command line never reaches a compile. Shrink configs in
+tests with ``dataclasses.replace(cfg, num_layers=2)``; experiments get a CLI
+from these dataclasses through ``tyro``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from bebop_jax.sampling import SamplingConfig  # noqa: F401  (re-exported: one home per config)
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _check(cond: bool, cls: str, field: str, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{cls}.{field}: {why}")
+
+
+def _positive_ints(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+               type(obj).__name__, name, f"must be an int >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen3-style decoder trunk plus K MTP depths served by M modules.
+
+    ``num_mtp_modules`` is 1 (one module reused at every depth, Qwen3-Next) or
+    ``num_mtp_depths`` (one module per depth, DeepSeek-V3).
+    """
+
+    vocab_size: int = 272
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 768
+    rope_theta: float = 10_000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    max_seq_len: int = 512
+    num_mtp_depths: int = 3
+    num_mtp_modules: int = 1
+    dtype: str = "float32"        # activations / matmul inputs
+    param_dtype: str = "float32"  # stored parameters
+
+    def __post_init__(self):
+        cls = "ModelConfig"
+        _positive_ints(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                       "head_dim", "intermediate_size", "max_seq_len", "num_mtp_depths",
+                       "num_mtp_modules")
+        _check(isinstance(self.vocab_size, int) and self.vocab_size >= 2, cls, "vocab_size",
+               f"must be an int >= 2, got {self.vocab_size!r}")
+        _check(self.num_heads % self.num_kv_heads == 0, cls, "num_kv_heads",
+               f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
+        _check(self.head_dim % 2 == 0, cls, "head_dim",
+               f"must be even for rotary embeddings, got {self.head_dim}")
+        _check(self.num_mtp_modules in (1, self.num_mtp_depths), cls, "num_mtp_modules",
+               f"must be 1 (shared) or num_mtp_depths ({self.num_mtp_depths}), "
+               f"got {self.num_mtp_modules}")
+        _check(self.rope_theta > 0, cls, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        _check(self.rms_norm_eps > 0, cls, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        for name in ("dtype", "param_dtype"):
+            _check(getattr(self, name) in DTYPES, cls, name,
+                   f"must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    @property
+    def mtp_module_for_depth(self) -> tuple[int, ...]:
+        """Index of the MTP module that serves depth k (0-based), for k = 1..K."""
+        return tuple(0 if self.num_mtp_modules == 1 else k for k in range(self.num_mtp_depths))
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ModelConfig":
+        """A test-sized config: builds and runs in milliseconds on one CPU."""
+        base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=8, intermediate_size=64, max_seq_len=64, num_mtp_depths=3,
+                    num_mtp_modules=1)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def small(cls, **overrides) -> "ModelConfig":
+        """The small-scale reproduction default: a byte-level model that trains on a laptop CPU."""
+        base = dict(vocab_size=264, hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
+                    head_dim=64, intermediate_size=768, max_seq_len=256, num_mtp_depths=3,
+                    num_mtp_modules=1)
+        base.update(overrides)
+        return cls(**base)
+
+
+LossName = Literal["ce", "kl", "tv", "e2e_tv"]
+LOSS_NAMES = ("ce", "kl", "tv", "e2e_tv")
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """How MTP heads are trained.
+
+    mode ``mtp_only``: trunk, embedding and LM head frozen (pre-RL MTP training).
+    mode ``joint``: next-token CE on the trunk plus ``mtp_weight`` times the MTP loss.
+    """
+
+    loss: str = "e2e_tv"
+    mode: str = "mtp_only"
+    mtp_weight: float = 1.0
+    temperature: float = 1.0  # the rollout temperature the heads are trained for
+
+    def __post_init__(self):
+        cls = "MTPConfig"
+        _check(self.loss in LOSS_NAMES, cls, "loss", f"must be one of {LOSS_NAMES}, got {self.loss!r}")
+        _check(self.mode in ("mtp_only", "joint"), cls, "mode",
+               f"must be 'mtp_only' or 'joint', got {self.mode!r}")
+        _check(self.mtp_weight >= 0, cls, "mtp_weight", f"must be >= 0, got {self.mtp_weight}")
+        _check(self.temperature > 0, cls, "temperature",
+               f"must be > 0 (a loss needs a distribution), got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * learning_rate``."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    decay_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        cls = "OptimizerConfig"
+        _check(self.learning_rate > 0, cls, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, cls, "warmup_steps",
+               f"must be an int >= 0, got {self.warmup_steps!r}")
+        _check(isinstance(self.decay_steps, int) and self.decay_steps > self.warmup_steps, cls,
+               "decay_steps", f"must be an int > warmup_steps ({self.warmup_steps}), "
+               f"got {self.decay_steps!r}")
+        _check(0 <= self.min_lr_ratio <= 1, cls, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay >= 0, cls, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.b1 < 1, cls, "b1", f"must be in [0, 1), got {self.b1}")
+        _check(0 <= self.b2 < 1, cls, "b2", f"must be in [0, 1), got {self.b2}")
+        _check(self.eps > 0, cls, "eps", f"must be > 0, got {self.eps}")
+        _check(self.clip_norm > 0, cls, "clip_norm", f"must be > 0, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes. ``-1`` in at most one axis takes the remaining devices.
+
+    data: pure data parallelism (batch split, params replicated).
+    fsdp: batch split AND params/optimizer state sharded along their embed axis.
+    model: tensor parallelism over heads, MLP width and vocabulary.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    model: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "model": self.model}
+        for name, size in sizes.items():
+            _check(isinstance(size, int) and (size >= 1 or size == -1), "MeshConfig", name,
+                   f"must be an int >= 1 or -1 (fill), got {size!r}")
+        _check(list(sizes.values()).count(-1) <= 1, "MeshConfig", "data",
+               "at most one axis may be -1")
+
+    def shape_for(self, num_devices: int) -> tuple[int, int, int]:
+        """Resolve -1 and check the product equals ``num_devices``."""
+        sizes = [self.data, self.fsdp, self.model]
+        known = 1
+        for s in sizes:
+            if s != -1:
+                known *= s
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"MeshConfig: fixed axes multiply to {known}, which does not "
+                                 f"divide the {num_devices} available devices")
+            sizes[sizes.index(-1)] = num_devices // known
+        if sizes[0] * sizes[1] * sizes[2] != num_devices:
+            raise ValueError(f"MeshConfig: data*fsdp*model = {sizes[0]}*{sizes[1]}*{sizes[2]} = "
+                             f"{sizes[0] * sizes[1] * sizes[2]} but {num_devices} devices are available")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop-level settings shared by the training experiments."""
+
+    batch_size: int = 32
+    seq_len: int = 128
+    num_steps: int = 500
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+
+    def __post_init__(self):
+        _positive_ints(self, "batch_size", "num_steps", "log_every", "ckpt_every")
+        _check(isinstance(self.seq_len, int) and self.seq_len >= 2, "TrainConfig", "seq_len",
+               f"must be an int >= 2, got {self.seq_len!r}")

@@ -1,0 +1,202 @@
+"""The pure, jitted, sharded MTP training step.
+
+Batches are ``{"tokens": int32 [B,T], "loss_mask": float32 [B,T]}`` where
+``loss_mask[b, t]`` weights the prediction OF token t (0 on prompts, padding
+and environment turns; any non-negative weight otherwise, e.g. RL weights).
+
+Two modes (``MTPConfig.mode``):
+- ``mtp_only``: the trunk, embedding and LM head are frozen. They live in
+  ``TrainState.frozen``, are read through stop_gradient, receive no gradient,
+  are never updated, and the optimizer keeps no state for them.
+- ``joint``: every parameter trains on next-token CE plus
+  ``mtp_weight`` times the MTP loss.
+
+MTP targets (DESIGN.md indexing): depth k at position t is scored against the
+trunk's distribution at position t+k (stop-gradient), label x_{t+k+1}, weight
+``loss_mask[t+k+1]`` (0 where t+k+1 is past the sequence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bebop_jax import losses
+from bebop_jax.config import ModelConfig, MTPConfig, OptimizerConfig
+from bebop_jax.model import Policy, is_trunk_param
+from bebop_jax.parallel import batch_sharding
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: Array        # int32 scalar
+    params: Any        # trained parameters
+    frozen: Any        # parameters held fixed (empty dict in joint mode)
+    opt_state: Any     # optimizer state of ``params`` only
+
+    @property
+    def all_params(self) -> Any:
+        return merge_params(self.params, self.frozen)
+
+
+def split_params(params: dict, mode: str) -> tuple[dict, dict]:
+    """(trainable, frozen) top-level split of a policy param dict for ``mode``."""
+    if mode == "joint":
+        return dict(params), {}
+    trainable = {k: v for k, v in params.items() if not is_trunk_param((k,))}
+    frozen = {k: v for k, v in params.items() if is_trunk_param((k,))}
+    return trainable, frozen
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return {**frozen, **trainable}
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW, linear warmup + cosine decay, global-norm clipping; no decay on norm scales."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=config.decay_steps, end_value=config.learning_rate * config.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                    weight_decay=config.weight_decay, mask=decay_mask))
+
+
+def init_train_state(params: dict, mtp_config: MTPConfig, optimizer: optax.GradientTransformation,
+                     mesh: Mesh) -> TrainState:
+    """Split ``params`` by mode and build optimizer state for the trained part only.
+
+    ``params`` should already be placed on ``mesh`` (``init_params(..., mesh=mesh)``).
+    Each optimizer moment takes its parameter's sharding; scalars are replicated.
+    """
+    trainable, frozen = split_params(params, mtp_config.mode)
+    replicated = NamedSharding(mesh, P())
+    param_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    abstract = jax.eval_shape(optimizer.init, trainable)
+    # Moments mirror the param tree; anything else in the optimizer state (counts) is replicated.
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    return TrainState(step=step, params=trainable, frozen=frozen, opt_state=opt_state)
+
+
+def _shift(x: Array, k: int, fill=0) -> Array:
+    """x[:, t + k] along axis 1, filled past the end."""
+    if k == 0:
+        return x
+    pad = jnp.full((x.shape[0], k) + x.shape[2:], fill, x.dtype)
+    return jnp.concatenate([x[:, k:], pad], axis=1) if x.shape[1] > k else pad[:, : x.shape[1]]
+
+
+def mtp_targets(logits_BxTxV: Array, tokens_BxT: Array, mask_BxT: Array, num_depths: int):
+    """Per-depth targets of the MTP heads.
+
+    Returns target logits [B,T,K,V] (trunk logits at t+k), labels [B,T,K]
+    (x_{t+k+1}) and weights [B,T,K] (loss_mask at t+k+1, 0 past the end).
+    """
+    ks = range(1, num_depths + 1)
+    target = jnp.stack([_shift(logits_BxTxV, k) for k in ks], axis=2)
+    labels = jnp.stack([_shift(tokens_BxT, k + 1) for k in ks], axis=2)
+    weights = jnp.stack([_shift(mask_BxT.astype(jnp.float32), k + 1) for k in ks], axis=2)
+    return target, labels, weights
+
+
+def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelConfig,
+            mtp_config: MTPConfig) -> tuple[Array, dict]:
+    tokens, loss_mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
+    params = merge_params(trainable, frozen)
+    freeze = mtp_config.mode == "mtp_only"
+    out = Policy(model_config).apply({"params": params}, tokens, freeze_trunk=freeze)
+    target, labels, weights = mtp_targets(out.logits, tokens, loss_mask, model_config.num_mtp_depths)
+    target = jax.lax.stop_gradient(target)
+    if mtp_config.loss == "ce":
+        mtp_loss, metrics = losses.ce_loss(labels, out.mtp_logits, weights, mtp_config.temperature,
+                                           target_logits=target)
+    else:
+        mtp_loss, metrics = losses.LOSSES[mtp_config.loss](target, out.mtp_logits, weights,
+                                                           mtp_config.temperature)
+    metrics = {f"mtp/{k}": v for k, v in metrics.items()}
+    metrics["mtp/loss"] = mtp_loss
+    total = mtp_loss
+    if mtp_config.mode == "joint":
+        w = loss_mask[:, 1:]
+        logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        trunk_ce = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)
+        metrics["trunk/ce"] = trunk_ce
+        total = trunk_ce + mtp_config.mtp_weight * mtp_loss
+    metrics["loss"] = total
+    return total, metrics
+
+
+def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, mtp_config: MTPConfig,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One optimizer step on the trained parameters. Pure: jit it (see ``make_train_step``)."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_config=model_config,
+                                                   mtp_config=mtp_config), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, state.frozen, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = TrainState(step=state.step + 1, params=params, frozen=state.frozen, opt_state=opt_state)
+    return new_state, metrics
+
+
+def validate_batch(batch: Batch, model_config: ModelConfig, mesh: Mesh | None = None) -> None:
+    """Shape and dtype checks on a host batch, before anything is compiled."""
+    if set(batch) != {"tokens", "loss_mask"}:
+        raise ValueError(f"batch: expected keys {{'tokens', 'loss_mask'}}, got {sorted(batch)}")
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    if tokens.ndim != 2:
+        raise ValueError(f"batch['tokens']: expected shape [B, T], got {tuple(tokens.shape)}")
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"batch['loss_mask']: shape {tuple(mask.shape)} does not match "
+                         f"tokens {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"batch['tokens']: expected an integer dtype, got {tokens.dtype}")
+    if tokens.shape[1] > model_config.max_seq_len:
+        raise ValueError(f"batch['tokens']: length {tokens.shape[1]} exceeds "
+                         f"ModelConfig.max_seq_len={model_config.max_seq_len}")
+    if mesh is not None:
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        if tokens.shape[0] % rows:
+            raise ValueError(f"batch['tokens']: batch size {tokens.shape[0]} is not divisible by "
+                             f"data*fsdp = {rows} of the mesh")
+
+
+def make_train_step(model_config: ModelConfig, mtp_config: MTPConfig,
+                    optimizer: optax.GradientTransformation, state: TrainState,
+                    mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Jit ``train_step`` with explicit shardings and the state donated.
+
+    The state keeps the shardings it already has (parameters placed by the rules
+    table, optimizer moments alongside them); batches are split over data and
+    fsdp; metrics come back replicated.
+    """
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
+    step = functools.partial(train_step, model_config=model_config, mtp_config=mtp_config,
+                             optimizer=optimizer)
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                     donate_argnums=(0,))
+
+    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        validate_batch(batch, model_config, mesh)
+        return jitted(state, batch)
+
+    run.jitted = jitted  # for .lower(...).compile() / memory_analysis()
+    return run
