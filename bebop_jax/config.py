@@ -96,6 +96,21 @@ class ModelConfig:
         return cls(**base)
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding: ``none`` (vanilla), ``greedy`` or ``rejection`` verification of K drafts."""
+
+    method: str = "none"
+    num_draft: int = 3
+
+    def __post_init__(self):
+        _check(self.method in ("none", "greedy", "rejection"), "SpecConfig", "method",
+               f"must be 'none', 'greedy' or 'rejection', got {self.method!r}")
+        _check(isinstance(self.num_draft, int) and not isinstance(self.num_draft, bool)
+               and self.num_draft >= 1, "SpecConfig", "num_draft",
+               f"must be an int >= 1 (K), got {self.num_draft!r}")
+
+
 LossName = Literal["ce", "kl", "tv", "e2e_tv"]
 LOSS_NAMES = ("ce", "kl", "tv", "e2e_tv")
 

@@ -110,16 +110,19 @@ class Policy(nn.Module):
         return x, logits, (None if caches is None else new_caches)
 
     def mtp_depth(self, depth: int, hidden_BxTxH: Array, tokens_BxT: Array, positions_BxT: Array,
-                  cache: KVCache | None = None, frozen: bool = False, with_logits: bool = True):
+                  cache: KVCache | None = None, frozen: bool = False, last_only: bool = False):
         """One MTP depth (1-based). ``tokens`` are x_{t+depth} at each position t.
 
-        Returns (hidden for the next depth [B,T,H], logits [B,T,V] or None, new cache).
+        Returns (hidden for the next depth [B,T,H], logits [B,T,V] (or [B,1,V] with
+        ``last_only``: the decoder needs only the frontier's draft), new cache).
         ``frozen`` reads the embedding and LM head through stop_gradient; the caller
         detaches the trunk hidden itself (depth >= 2 hiddens must keep their gradient).
         """
         module = self.mtp[self.config.mtp_module_for_depth[depth - 1]]
         h, normed, new_cache = module(self.embed(tokens_BxT, frozen), hidden_BxTxH, positions_BxT, cache)
-        return h, (self.head(normed, frozen) if with_logits else None), new_cache
+        if last_only:
+            normed = normed[:, -1:]
+        return h, self.head(normed, frozen), new_cache
 
     # -- the teacher-forced forward used for training -------------------------------------------
     def __call__(self, tokens_BxT: Array, *, freeze_trunk: bool = False) -> PolicyOutput:
