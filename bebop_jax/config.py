@@ -121,6 +121,8 @@ class MTPConfig:
 
     mode ``mtp_only``: trunk, embedding and LM head frozen (pre-RL MTP training).
     mode ``joint``: next-token CE on the trunk plus ``mtp_weight`` times the MTP loss.
+    mode ``trunk_only``: next-token CE on the trunk alone (base pretraining); the MTP
+    modules are neither run nor updated.
     """
 
     loss: str = "e2e_tv"
@@ -131,8 +133,8 @@ class MTPConfig:
     def __post_init__(self):
         cls = "MTPConfig"
         _check(self.loss in LOSS_NAMES, cls, "loss", f"must be one of {LOSS_NAMES}, got {self.loss!r}")
-        _check(self.mode in ("mtp_only", "joint"), cls, "mode",
-               f"must be 'mtp_only' or 'joint', got {self.mode!r}")
+        _check(self.mode in ("mtp_only", "joint", "trunk_only"), cls, "mode",
+               f"must be 'mtp_only', 'joint' or 'trunk_only', got {self.mode!r}")
         _check(self.mtp_weight >= 0, cls, "mtp_weight", f"must be >= 0, got {self.mtp_weight}")
         _check(self.temperature > 0, cls, "temperature",
                f"must be > 0 (a loss needs a distribution), got {self.temperature}")

@@ -339,6 +339,9 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
         # tokens each row got per target forward it took part in (the prefill emits one)
         "tokens_per_forward": float(lengths.sum()) / (row_steps + len(lengths)),
         "tokens_generated": int(lengths.sum()),
+        "row_steps": row_steps,  # verify steps summed over live rows
+        "accepted_counts": np.asarray(stats["accepted"])[:k].tolist(),   # depth j accepted
+        "attempted_counts": np.asarray(stats["attempted"])[:k].tolist(),  # depth j reached
         "seconds": seconds,
         "tokens_per_second": float(lengths.sum()) / max(seconds, 1e-9),
     }

@@ -4,12 +4,14 @@ Batches are ``{"tokens": int32 [B,T], "loss_mask": float32 [B,T]}`` where
 ``loss_mask[b, t]`` weights the prediction OF token t (0 on prompts, padding
 and environment turns; any non-negative weight otherwise, e.g. RL weights).
 
-Two modes (``MTPConfig.mode``):
+Modes (``MTPConfig.mode``):
 - ``mtp_only``: the trunk, embedding and LM head are frozen. They live in
   ``TrainState.frozen``, are read through stop_gradient, receive no gradient,
   are never updated, and the optimizer keeps no state for them.
 - ``joint``: every parameter trains on next-token CE plus
   ``mtp_weight`` times the MTP loss.
+- ``trunk_only``: base pretraining; next-token CE on the trunk, the MTP modules
+  are frozen and not run.
 
 MTP targets (DESIGN.md indexing): depth k at position t is scored against the
 trunk's distribution at position t+k (stop-gradient), label x_{t+k+1}, weight
@@ -53,8 +55,9 @@ def split_params(params: dict, mode: str) -> tuple[dict, dict]:
     """(trainable, frozen) top-level split of a policy param dict for ``mode``."""
     if mode == "joint":
         return dict(params), {}
-    trainable = {k: v for k, v in params.items() if not is_trunk_param((k,))}
-    frozen = {k: v for k, v in params.items() if is_trunk_param((k,))}
+    train_trunk = mode == "trunk_only"
+    trainable = {k: v for k, v in params.items() if is_trunk_param((k,)) == train_trunk}
+    frozen = {k: v for k, v in params.items() if is_trunk_param((k,)) != train_trunk}
     return trainable, frozen
 
 
@@ -114,10 +117,24 @@ def mtp_targets(logits_BxTxV: Array, tokens_BxT: Array, mask_BxT: Array, num_dep
     return target, labels, weights
 
 
+def next_token_ce(logits_BxTxV: Array, tokens_BxT: Array, mask_BxT: Array) -> Array:
+    """Weighted mean NLL of x_{t+1} under the trunk at t (weights = mask at t+1)."""
+    w = mask_BxT[:, 1:]
+    logp = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)
+
+
 def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelConfig,
             mtp_config: MTPConfig) -> tuple[Array, dict]:
     tokens, loss_mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
     params = merge_params(trainable, frozen)
+    if mtp_config.mode == "trunk_only":
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        _, logits, _ = Policy(model_config).apply({"params": params}, tokens, positions, method=Policy.trunk)
+        ce = next_token_ce(logits, tokens, loss_mask)
+        return ce, {"trunk/ce": ce, "loss": ce}
     freeze = mtp_config.mode == "mtp_only"
     out = Policy(model_config).apply({"params": params}, tokens, freeze_trunk=freeze)
     target, labels, weights = mtp_targets(out.logits, tokens, loss_mask, model_config.num_mtp_depths)
@@ -132,10 +149,7 @@ def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelC
     metrics["mtp/loss"] = mtp_loss
     total = mtp_loss
     if mtp_config.mode == "joint":
-        w = loss_mask[:, 1:]
-        logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        trunk_ce = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)
+        trunk_ce = next_token_ce(out.logits, tokens, loss_mask)
         metrics["trunk/ce"] = trunk_ce
         total = trunk_ce + mtp_config.mtp_weight * mtp_loss
     metrics["loss"] = total

@@ -1,0 +1,75 @@
+"""Saving and loading a policy (config + parameters) as a small-scale checkpoint.
+
+Layout of a policy directory: ``model_config.json`` and ``params/`` (orbax).
+Loading checks the config first, so a checkpoint of another model shape fails
+with a message naming the differing fields before any array is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from bebop_jax.config import ModelConfig
+from bebop_jax.model import abstract_params, shard_params_for
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def save_policy(path: str | Path, model_config: ModelConfig, params: Any) -> Path:
+    """Write ``model_config.json`` and ``params/`` under ``path`` (params written first)."""
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / PARAMS_DIR, params, force=True)
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
+    tmp.replace(path / CONFIG_FILE)  # the config appears only once the params are complete
+    return path
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ValueError(f"checkpoint {str(path)!r}: no {CONFIG_FILE} (not a policy checkpoint, or incomplete)")
+    raw = json.loads(cfg_file.read_text())
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"checkpoint {str(path)!r}: unknown ModelConfig fields {unknown}")
+    return ModelConfig(**raw)
+
+
+def load_policy(path: str | Path, mesh: Mesh | None = None, *,
+                expect: ModelConfig | None = None) -> tuple[ModelConfig, Any]:
+    """Load ``(model_config, params)``; with ``expect``, refuse a checkpoint of another shape.
+
+    Fields that do not change parameter shapes (dtype, rope_theta, max_seq_len, eps)
+    may differ from ``expect``; the expected values are then used.
+    """
+    path = Path(path).absolute()
+    saved = read_model_config(path)
+    config = saved
+    if expect is not None:
+        shape_fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                        "intermediate_size", "tie_embeddings", "num_mtp_depths", "num_mtp_modules")
+        diffs = [f"{f}: checkpoint {getattr(saved, f)!r} vs requested {getattr(expect, f)!r}"
+                 for f in shape_fields if getattr(saved, f) != getattr(expect, f)]
+        if diffs:
+            raise ValueError(f"checkpoint {str(path)!r} does not match the model: " + "; ".join(diffs))
+        config = expect
+    abstract = abstract_params(config)
+    if mesh is not None:
+        shardings = shard_params_for(config, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / PARAMS_DIR, abstract)
+    return config, params

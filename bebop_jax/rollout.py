@@ -1,0 +1,92 @@
+"""Text in, text out: batched rollouts through ``bebop_jax.spec.generate``.
+
+Prompts are tokenized with the chat format the training data uses
+(``bos + format_prompt(prompt)``), right-padded to one fixed length and cut into
+fixed-size batches (the last one padded by repeating a prompt), so one compiled
+decode loop serves a whole evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from bebop_jax.config import ModelConfig, SpecConfig
+from bebop_jax.data.tokenizer import Tokenizer, bos_prefix
+from bebop_jax.sampling import SamplingConfig
+from bebop_jax.spec import generate
+
+
+@dataclasses.dataclass
+class Rollouts:
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]    # generated tokens, the end-of-turn token included if emitted
+    texts: list[str]                 # decoded responses (special tokens dropped)
+    stats: dict                      # generate() stats merged over batches
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    return [bos_prefix(tokenizer) + tokenizer.format_prompt(p) for p in prompts]
+
+
+def _merge_stats(all_stats: list[dict]) -> dict:
+    """Combine per-batch stats into totals (acceptance weighted by verify steps)."""
+    if not all_stats:
+        return {}
+    first = all_stats[0]
+    out = {"method": first["method"], "num_draft": first["num_draft"]}
+    toks = sum(s["tokens_generated"] for s in all_stats)
+    secs = sum(s["seconds"] for s in all_stats)
+    row_forwards = sum(s["tokens_generated"] / s["tokens_per_forward"] for s in all_stats if s["tokens_per_forward"])
+    steps = [s["row_steps"] for s in all_stats]
+    out["mean_accepted"] = sum(s["mean_accepted"] * n for s, n in zip(all_stats, steps)) / max(sum(steps), 1)
+    k = first["num_draft"]
+    acc = np.sum([s["accepted_counts"] for s in all_stats], axis=0) if k else np.zeros(0)
+    att = np.sum([s["attempted_counts"] for s in all_stats], axis=0) if k else np.zeros(0)
+    out["per_depth_acceptance"] = (acc / np.maximum(att, 1)).tolist()
+    out["tokens_generated"] = int(toks)
+    out["tokens_per_forward"] = toks / max(row_forwards, 1e-9)
+    out["target_forwards"] = sum(s["target_forwards"] for s in all_stats)
+    out["seconds"] = secs
+    out["tokens_per_second"] = toks / max(secs, 1e-9)
+    return out
+
+
+def rollout(params, model_config: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str], key: jax.Array, *,
+            max_new_tokens: int, sampling: SamplingConfig, spec: SpecConfig = SpecConfig(),
+            batch_size: int = 64, prompt_len: int | None = None, impl: str = "auto") -> Rollouts:
+    """Generate one response per prompt. ``prompt_len`` fixes the padded length (default: longest).
+
+    The last batch is filled up by repeating its last prompt; those extra rows
+    count in ``stats`` (pick ``batch_size`` dividing ``len(prompts)`` for exact stats).
+    """
+    if not prompts:
+        raise ValueError("prompts: need at least one prompt")
+    ids = encode_prompts(tokenizer, prompts)
+    longest = max(len(x) for x in ids)
+    prompt_len = longest if prompt_len is None else prompt_len
+    if longest > prompt_len:
+        raise ValueError(f"prompt_len={prompt_len} is shorter than the longest encoded prompt ({longest} tokens)")
+    n = len(ids)
+    bs = min(batch_size, n)
+    responses: list[list[int]] = []
+    all_stats = []
+    for start in range(0, n, bs):
+        chunk = ids[start:start + bs]
+        chunk = chunk + [chunk[-1]] * (bs - len(chunk))
+        arr = np.full((bs, prompt_len), tokenizer.pad_id, np.int32)
+        for i, row in enumerate(chunk):
+            arr[i, :len(row)] = row
+        lens = np.array([len(r) for r in chunk], np.int32)
+        res = generate(params, model_config, arr, lens, jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
+                       sampling=sampling, spec=spec, eos_id=tokenizer.eos_id, impl=impl)
+        for i in range(min(bs, n - start)):
+            responses.append(res.tokens[i, :res.lengths[i]].tolist())
+        all_stats.append(res.stats)
+    texts = [tokenizer.decode(r) for r in responses]
+    return Rollouts(prompts=list(prompts), prompt_ids=ids, response_ids=responses, texts=texts,
+                    stats=_merge_stats(all_stats))

@@ -1,0 +1,81 @@
+"""Evaluation: task accuracy, teacher-forced acceptance and policy entropy.
+
+Teacher-forced acceptance is what the MTP losses optimise: on sequences the
+base model sampled itself, depth k's draft q at position t is compared with the
+trunk's p at t+k. Under rejection verification the per-depth acceptance is
+``1 - TV(p, q)``; under greedy drafts it is ``p(argmax q)``. Because accepted
+drafts are distributed as p, these equal the conditional acceptance rates of
+real speculative decoding in expectation; both are reported.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bebop_jax.config import ModelConfig
+from bebop_jax.model import Policy
+from bebop_jax.train.step import mtp_targets
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "temperature"))
+def _teacher_forced_sums(params, tokens, loss_mask, *, model_config: ModelConfig, temperature: float):
+    out = Policy(model_config).apply({"params": params}, tokens)
+    target, _, weights = mtp_targets(out.logits, tokens, loss_mask, model_config.num_mtp_depths)
+    p = jax.nn.softmax(target / temperature, axis=-1)                    # [B,T,K,V]
+    q = jax.nn.softmax(out.mtp_logits / temperature, axis=-1)
+    alpha_rej = 1.0 - 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)             # [B,T,K]
+    alpha_greedy = jnp.take_along_axis(p, jnp.argmax(q, axis=-1)[..., None], axis=-1)[..., 0]
+    # A position counts for E[A] only if all K depths are scored there.
+    full = jnp.all(weights > 0, axis=-1)
+    ea_rej = jnp.sum(jnp.cumprod(alpha_rej, axis=-1), axis=-1)
+    ea_greedy = jnp.sum(jnp.cumprod(alpha_greedy, axis=-1), axis=-1)
+    # Entropy of the trunk at this temperature on scored (response) positions.
+    w_next = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    logp = jax.nn.log_softmax(out.logits / temperature, axis=-1)
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    w = (weights > 0).astype(jnp.float32)
+    return {
+        "alpha_rejection": jnp.sum(alpha_rej * w, axis=(0, 1)),
+        "alpha_greedy": jnp.sum(alpha_greedy * w, axis=(0, 1)),
+        "depth_count": jnp.sum(w, axis=(0, 1)),
+        "ea_rejection": jnp.sum(jnp.where(full, ea_rej, 0.0)),
+        "ea_greedy": jnp.sum(jnp.where(full, ea_greedy, 0.0)),
+        "full_count": jnp.sum(full.astype(jnp.float32)),
+        "entropy": jnp.sum(ent * (w_next > 0)),
+        "entropy_count": jnp.sum((w_next > 0).astype(jnp.float32)),
+    }
+
+
+def teacher_forced_acceptance(params, model_config: ModelConfig, batches: Iterable[dict],
+                              temperature: float = 1.0) -> dict:
+    """Per-depth acceptance (rejection and greedy), E[accepted drafts], and entropy (nats)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for teacher-forced acceptance, got {temperature}")
+    total = None
+    for batch in batches:
+        sums = _teacher_forced_sums(params, batch["tokens"], batch["loss_mask"], model_config=model_config,
+                                    temperature=float(temperature))
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    if total is None:
+        raise ValueError("batches: no batch to evaluate")
+    t = jax.device_get(total)
+    dc = np.maximum(t["depth_count"], 1)
+    fc = max(float(t["full_count"]), 1.0)
+    return {
+        "per_depth": {"rejection": (t["alpha_rejection"] / dc).tolist(), "greedy": (t["alpha_greedy"] / dc).tolist()},
+        "mean_accepted": {"rejection": float(t["ea_rejection"]) / fc, "greedy": float(t["ea_greedy"]) / fc},
+        "entropy": float(t["entropy"]) / max(float(t["entropy_count"]), 1.0),
+    }
+
+
+def grade_all(task, examples: Sequence, texts: Sequence[str]) -> dict:
+    """Mean reward of ``texts`` against ``examples`` with the task's grader."""
+    grades = [task.grade(ex, text) for ex, text in zip(examples, texts)]
+    rewards = [g.reward for g in grades]
+    return {"accuracy": float(np.mean(rewards)) if rewards else 0.0, "n": len(rewards), "grades": grades}
+

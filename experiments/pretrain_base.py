@@ -1,0 +1,121 @@
+"""Pretrain the small policy (trunk + next-token head) on the tasks' worked solutions.
+
+    python experiments/pretrain_base.py                 # defaults: a laptop-CPU run
+    python experiments/pretrain_base.py --help          # every knob (model, optimizer, ...)
+
+Writes to --run_dir: checkpoints/ (resumable: rerun the same command after a
+crash), policy/ (the final model, what pretrain_mtp.py loads), tensorboard/,
+metrics.jsonl and results.json (held-out accuracy per task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from bebop_jax.config import MeshConfig, ModelConfig, MTPConfig, OptimizerConfig, TrainConfig  # noqa: E402
+from bebop_jax.data.corpus import solution_examples  # noqa: E402
+from bebop_jax.data.pipeline import make_dataset  # noqa: E402
+from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from bebop_jax.model import init_params  # noqa: E402
+from bebop_jax.model.params_io import save_policy  # noqa: E402
+from bebop_jax.parallel import make_mesh  # noqa: E402
+from bebop_jax.rollout import rollout  # noqa: E402
+from bebop_jax.sampling import SamplingConfig  # noqa: E402
+from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
+from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
+from bebop_jax.train.evaluate import grade_all  # noqa: E402
+from bebop_jax.train.loop import run_training  # noqa: E402
+from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
+from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseArgs:
+    run_dir: str = "runs/pretrain_base"
+    tasks: tuple[str, ...] = ("arithmetic",)
+    difficulty: int = 1
+    train_examples: int = 4000          # distinct prompts per task
+    solutions_per_example: int = 3      # independently drawn solution styles per prompt
+    eval_examples: int = 128            # held-out prompts per task
+    eval_temperatures: tuple[float, ...] = (0.0, 1.0)
+    max_new_tokens: int = 96
+    tokenizer: str = "byte"
+    model: ModelConfig = ModelConfig.small()
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=50, decay_steps=900)
+    train: TrainConfig = TrainConfig(batch_size=32, seq_len=160, num_steps=900, log_every=20, ckpt_every=100)
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in list_tasks()]
+        if unknown:
+            raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+def evaluate_accuracy(params, model_config, tokenizer, tasks, examples, temperatures, max_new_tokens, key) -> dict:
+    """Held-out accuracy per task and temperature (vanilla decoding)."""
+    out = {}
+    for task in tasks:
+        exs = examples[task.name]
+        out[task.name] = {}
+        for temp in temperatures:
+            ro = rollout(params, model_config, tokenizer, [e.prompt for e in exs], key,
+                         max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temp), batch_size=64)
+            out[task.name][str(temp)] = grade_all(task, exs, ro.texts)["accuracy"]
+    return out
+
+
+def pretrain_base(args: BaseArgs) -> dict:
+    run_dir = prepare_run_dir(args.run_dir)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > args.model.vocab_size:
+        raise UserError(f"model.vocab_size={args.model.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size}")
+    tasks = [get_task(name, difficulty=args.difficulty) for name in args.tasks]
+    train_seed = args.train.seed
+    corpus, eval_examples = [], {}
+    for task in tasks:
+        exs = task.examples("train", args.train_examples, seed=train_seed)
+        corpus += solution_examples(tokenizer, task, exs, solutions_per_example=args.solutions_per_example,
+                                    seed=train_seed)
+        eval_examples[task.name] = task.examples("test", args.eval_examples, seed=train_seed)
+    dataset = make_dataset(corpus, args.train.seq_len, args.train.batch_size, seed=train_seed,
+                           overlong="drop", vocab_size=args.model.vocab_size)
+
+    mesh = make_mesh(args.mesh)
+    params = init_params(args.model, jax.random.key(train_seed), mesh)
+    optimizer = make_optimizer(args.optimizer)
+    mtp = MTPConfig(mode="trunk_only")
+    state = init_train_state(params, mtp, optimizer, mesh)
+    step_fn = make_train_step(args.model, mtp, optimizer, state, mesh)
+    cfg = config_dict(args)
+    with MetricLogger(run_dir) as logger:
+        result = run_training(state, step_fn, dataset, num_steps=args.train.num_steps, mesh=mesh,
+                              ckpt_dir=str(run_dir / "checkpoints"), ckpt_every=args.train.ckpt_every,
+                              logger=logger, config=cfg, log_every=args.train.log_every, desc="pretrain_base",
+                              config_keys=("model", "tasks", "difficulty", "train", "optimizer", "tokenizer"))
+        params = result.state.all_params
+        save_policy(run_dir / "policy", args.model, params)
+        acc = evaluate_accuracy(params, args.model, tokenizer, tasks, eval_examples, args.eval_temperatures,
+                                args.max_new_tokens, jax.random.key(train_seed + 1))
+        for name, by_t in acc.items():
+            logger.log(args.train.num_steps, {f"{name}/T{t}": v for t, v in by_t.items()}, prefix="eval/accuracy")
+    results = {"accuracy": acc, "final_train_ce": result.last_metrics.get("trunk/ce"),
+               "corpus_examples": len(corpus), "dropped_overlong": dataset.stats.num_overlong,
+               "config": cfg}
+    write_results_json(run_dir, results)
+    rows = [[name] + [by_t[str(t)] for t in args.eval_temperatures] for name, by_t in acc.items()]
+    print_table(rows, ["task"] + [f"acc T={t}" for t in args.eval_temperatures],
+                title=f"pretrain_base: held-out accuracy ({args.eval_examples} prompts per task)")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(lambda: pretrain_base(parse(BaseArgs)))

@@ -1,0 +1,244 @@
+"""Pre-RL MTP training by self-distillation, and the loss comparison of the paper.
+
+    python experiments/pretrain_mtp.py                  # everything, small defaults (laptop CPU)
+    python experiments/pretrain_mtp.py --loss e2e_tv --base_dir runs/pretrain_base
+    python experiments/pretrain_mtp.py --help
+
+1. A frozen base: --base_dir (a pretrain_base run), --hf_checkpoint (a Qwen3
+   directory), or, with neither, one trained into RUN_DIR/base first.
+2. Self-distillation data: the base's own responses to task prompts, sampled at
+   the rollout temperature (what the MTP heads will have to predict in RL).
+3. MTP heads trained with each loss (--loss ce|kl|tv|e2e_tv|all) from the same
+   initialisation on the same data, trunk frozen.
+4. Evaluation on held-out prompts: teacher-forced acceptance on base rollouts,
+   and real speculative decoding (greedy and rejection verification at each
+   temperature): per-depth acceptance, mean accepted drafts, tokens per forward.
+
+Everything is written to RUN_DIR: results.json, tensorboard/, per-loss
+checkpoints (rerun the same command to resume after a crash).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bebop_jax.config import LOSS_NAMES, MeshConfig, MTPConfig, OptimizerConfig, SpecConfig, TrainConfig  # noqa: E402
+from bebop_jax.data.corpus import rollout_examples  # noqa: E402
+from bebop_jax.data.pipeline import make_dataset  # noqa: E402
+from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from bebop_jax.model import init_params  # noqa: E402
+from bebop_jax.model.params_io import load_policy, save_policy  # noqa: E402
+from bebop_jax.parallel import make_mesh  # noqa: E402
+from bebop_jax.rollout import rollout  # noqa: E402
+from bebop_jax.sampling import SamplingConfig  # noqa: E402
+from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
+from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
+from bebop_jax.train.evaluate import grade_all, teacher_forced_acceptance  # noqa: E402
+from bebop_jax.train.loop import run_training  # noqa: E402
+from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
+from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step, merge_params, split_params  # noqa: E402
+
+from pretrain_base import BaseArgs, pretrain_base  # noqa: E402
+
+METHODS = ("greedy", "rejection")
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPArgs:
+    run_dir: str = "runs/pretrain_mtp"
+    base_dir: str | None = None          # a pretrain_base run directory (or its policy/ directory)
+    hf_checkpoint: str | None = None     # a Hugging Face Qwen3 directory (tokenizer read from it too)
+    loss: str = "all"                    # ce | kl | tv | e2e_tv | all
+    tasks: tuple[str, ...] = ("arithmetic",)
+    distill_prompts: int = 2048          # train prompts per task whose base responses form the MTP data
+    eval_prompts: int = 64               # held-out prompts per task
+    rollout_temperature: float = 1.0     # temperature of the distillation rollouts and of the loss
+    eval_temperatures: tuple[float, ...] = (0.6, 1.0)
+    num_draft: int = 3                   # K at evaluation (<= the model's num_mtp_depths)
+    max_new_tokens: int = 96
+    batch_size_decode: int = 64
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=20, decay_steps=300)
+    train: TrainConfig = TrainConfig(batch_size=32, seq_len=160, num_steps=300, log_every=20, ckpt_every=100)
+    mesh: MeshConfig = MeshConfig()
+    base: BaseArgs = BaseArgs()          # how to train a base when none is given
+
+    def __post_init__(self):
+        if self.loss not in LOSS_NAMES + ("all",):
+            raise ValueError(f"loss: must be one of {LOSS_NAMES + ('all',)}, got {self.loss!r}")
+        unknown = [t for t in self.tasks if t not in list_tasks()]
+        if unknown:
+            raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
+        if self.base_dir and self.hf_checkpoint:
+            raise ValueError("base_dir and hf_checkpoint: give at most one")
+        if any(t <= 0 for t in self.eval_temperatures) or self.rollout_temperature <= 0:
+            raise ValueError("eval_temperatures / rollout_temperature: must be > 0")
+
+    @property
+    def losses(self) -> tuple[str, ...]:
+        return LOSS_NAMES if self.loss == "all" else (self.loss,)
+
+
+def load_base(args: MTPArgs, run_dir, mesh):
+    """(model_config, params, tokenizer) of the frozen base."""
+    if args.hf_checkpoint:
+        if not os.path.isdir(args.hf_checkpoint):
+            raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r}: no such directory")
+        from bebop_jax.model.hf import load_hf_checkpoint
+        model_config, params = load_hf_checkpoint(args.hf_checkpoint, mesh)
+        return model_config, params, load_tokenizer(args.hf_checkpoint)
+    if args.base_dir:
+        path = args.base_dir
+        if os.path.isdir(os.path.join(path, "policy")):
+            path = os.path.join(path, "policy")
+        if not os.path.isdir(path):
+            raise UserError(f"--base_dir {args.base_dir!r}: no such directory")
+        model_config, params = load_policy(path, mesh)
+        return model_config, params, load_tokenizer(args.base.tokenizer)
+    base_args = dataclasses.replace(args.base, run_dir=str(run_dir / "base"), tasks=args.tasks)
+    if not (run_dir / "base" / "policy" / "model_config.json").is_file():
+        print(f"no --base_dir given: training a base model into {base_args.run_dir}", flush=True)
+        pretrain_base(base_args)
+    model_config, params = load_policy(run_dir / "base" / "policy", mesh, expect=args.base.model)
+    return model_config, params, load_tokenizer(args.base.tokenizer)
+
+
+def distillation_rollouts(args: MTPArgs, params, model_config, tokenizer, tasks, run_dir, split: str, n: int, seed: int):
+    """Base responses to ``n`` prompts per task, cached in RUN_DIR (regenerated identically if absent)."""
+    cache = run_dir / f"rollouts_{split}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    data = {}
+    for i, task in enumerate(tasks):
+        exs = task.examples(split, n, seed=seed)
+        ro = rollout(params, model_config, tokenizer, [e.prompt for e in exs], jax.random.key(seed * 1000 + i),
+                     max_new_tokens=args.max_new_tokens, sampling=SamplingConfig(temperature=args.rollout_temperature),
+                     batch_size=args.batch_size_decode)
+        data[task.name] = {"prompt_ids": ro.prompt_ids, "response_ids": ro.response_ids,
+                           "accuracy": grade_all(task, exs, ro.texts)["accuracy"]}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(cache)
+    return data
+
+
+def train_mtp(args: MTPArgs, loss: str, base_params, model_config, dataset, mesh, run_dir, logger):
+    """Fresh MTP heads (same init for every loss) trained with ``loss`` on the frozen base."""
+    fresh = init_params(model_config, jax.random.key(args.train.seed + 7), mesh)
+    trunk, _ = split_params(base_params, "trunk_only")
+    params = merge_params(split_params(fresh, "mtp_only")[0], trunk)
+    mtp = MTPConfig(loss=loss, mode="mtp_only", temperature=args.rollout_temperature)
+    optimizer = make_optimizer(args.optimizer)
+    state = init_train_state(params, mtp, optimizer, mesh)
+    step_fn = make_train_step(model_config, mtp, optimizer, state, mesh)
+    cfg = {"loss": loss, "mtp": config_dict(mtp), "optimizer": config_dict(args.optimizer),
+           "train": config_dict(args.train), "model": config_dict(model_config)}
+    result = run_training(state, step_fn, dataset, num_steps=args.train.num_steps, mesh=mesh,
+                          ckpt_dir=str(run_dir / f"mtp_{loss}" / "checkpoints"), ckpt_every=args.train.ckpt_every,
+                          logger=logger, config=cfg, log_every=args.train.log_every, desc=f"mtp[{loss}]",
+                          tb_prefix=f"mtp_{loss}")
+    params = result.state.all_params
+    save_policy(run_dir / f"mtp_{loss}" / "policy", model_config, params)
+    return params
+
+
+def evaluate_spec(args: MTPArgs, params, model_config, tokenizer, tasks, eval_examples, key) -> dict:
+    """Real speculative decoding on held-out prompts: acceptance[method][temperature]."""
+    out = {m: {} for m in METHODS}
+    for method in METHODS:
+        for temp in args.eval_temperatures:
+            stats, acc = [], []
+            for task in tasks:
+                exs = eval_examples[task.name]
+                ro = rollout(params, model_config, tokenizer, [e.prompt for e in exs], key,
+                             max_new_tokens=args.max_new_tokens, sampling=SamplingConfig(temperature=temp),
+                             spec=SpecConfig(method=method, num_draft=args.num_draft),
+                             batch_size=args.batch_size_decode)
+                stats.append(ro.stats)
+                acc.append(grade_all(task, exs, ro.texts)["accuracy"])
+            steps = [max(s["tokens_generated"] / s["tokens_per_forward"], 1e-9) for s in stats]
+            out[method][str(temp)] = {
+                "mean_accepted": float(np.average([s["mean_accepted"] for s in stats], weights=steps)),
+                "per_depth": np.average([s["per_depth_acceptance"] for s in stats], axis=0, weights=steps).tolist(),
+                "tokens_per_forward": float(np.average([s["tokens_per_forward"] for s in stats], weights=steps)),
+                "accuracy": float(np.mean(acc)),
+            }
+    return out
+
+
+def pretrain_mtp(args: MTPArgs) -> dict:
+    run_dir = prepare_run_dir(args.run_dir)
+    mesh = make_mesh(args.mesh)
+    model_config, base_params, tokenizer = load_base(args, run_dir, mesh)
+    if args.num_draft > model_config.num_mtp_depths:
+        raise UserError(f"num_draft={args.num_draft} exceeds the model's num_mtp_depths={model_config.num_mtp_depths}")
+    tasks = [get_task(name, difficulty=args.base.difficulty) for name in args.tasks]
+    seed = args.train.seed
+    train_ro = distillation_rollouts(args, base_params, model_config, tokenizer, tasks, run_dir, "train",
+                                     args.distill_prompts, seed)
+    test_ro = distillation_rollouts(args, base_params, model_config, tokenizer, tasks, run_dir, "test",
+                                    args.eval_prompts, seed)
+    eval_examples = {t.name: t.examples("test", args.eval_prompts, seed=seed) for t in tasks}
+    corpus = [ex for d in train_ro.values() for ex in rollout_examples(d["prompt_ids"], d["response_ids"])]
+    held_out = [ex for d in test_ro.values() for ex in rollout_examples(d["prompt_ids"], d["response_ids"])]
+    dataset = make_dataset(corpus, args.train.seq_len, args.train.batch_size, seed=seed, overlong="truncate",
+                           vocab_size=model_config.vocab_size)
+    eval_batches = list(make_dataset(held_out, args.train.seq_len, min(args.train.batch_size, len(held_out)),
+                                     seed=seed, shuffle=False, num_epochs=1, overlong="truncate",
+                                     vocab_size=model_config.vocab_size))
+
+    acceptance, teacher_forced, entropy = {}, {}, {}
+    with MetricLogger(run_dir) as logger:
+        for loss in args.losses:
+            params = train_mtp(args, loss, base_params, model_config, dataset, mesh, run_dir, logger)
+            teacher_forced[loss] = {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t)
+                                    for t in args.eval_temperatures}
+            entropy = {t: v["entropy"] for t, v in teacher_forced[loss].items()}
+            acceptance[loss] = evaluate_spec(args, params, model_config, tokenizer, tasks, eval_examples,
+                                             jax.random.key(seed + 11))
+            for method, by_t in acceptance[loss].items():
+                for temp, r in by_t.items():
+                    logger.log(args.train.num_steps, {"mean_accepted": r["mean_accepted"],
+                                                      "tokens_per_forward": r["tokens_per_forward"]},
+                               prefix=f"eval/{loss}/{method}/T{temp}")
+    results = {
+        "acceptance": acceptance,
+        "teacher_forced": teacher_forced,
+        "base": {"entropy_nats": entropy,
+                 "rollout_accuracy": {t: d["accuracy"] for t, d in train_ro.items()},
+                 "held_out_accuracy": {t: d["accuracy"] for t, d in test_ro.items()}},
+        "num_draft": args.num_draft,
+        "config": config_dict(args),
+    }
+    write_results_json(run_dir, results)
+    print_summary(args, results)
+    return results
+
+
+def print_summary(args: MTPArgs, results: dict) -> None:
+    k = args.num_draft
+    rows = []
+    for loss, by_m in results["acceptance"].items():
+        for method, by_t in by_m.items():
+            for temp, r in by_t.items():
+                tf = results["teacher_forced"][loss][temp]["mean_accepted"][method]
+                rows.append([loss, method, temp, r["mean_accepted"], r["mean_accepted"] / k,
+                             " ".join(f"{a:.2f}" for a in r["per_depth"]), r["tokens_per_forward"], tf])
+    print_table(rows, ["loss", "verify", "T", "E[accepted]", "accept rate", "per-depth", "tokens/fwd", "TF E[acc]"],
+                title=f"MTP heads by loss: speculative decoding on held-out prompts, K={k} "
+                      f"(accept rate = E[accepted]/K; TF = teacher-forced on base rollouts)",
+                float_format="{:.3f}")
+    ent = results["base"]["entropy_nats"]
+    print("base mean token entropy (nats) on its own held-out responses: "
+          + ", ".join(f"T={t}: {v:.3f}" for t, v in ent.items()))
+
+
+if __name__ == "__main__":
+    run_main(lambda: pretrain_mtp(parse(MTPArgs)))
