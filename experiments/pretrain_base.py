@@ -42,7 +42,7 @@ class BaseArgs:
     difficulty: int = 1
     train_examples: int = 4000          # distinct prompts per task
     solutions_per_example: int = 3      # independently drawn solution styles per prompt
-    eval_examples: int = 128            # held-out prompts per task
+    eval_examples: int = 128            # held-out prompts per task (0: skip the accuracy evaluation)
     eval_temperatures: tuple[float, ...] = (0.0, 1.0)
     max_new_tokens: int = 96
     tokenizer: str = "byte"
@@ -64,6 +64,8 @@ def evaluate_accuracy(params, model_config, tokenizer, tasks, examples, temperat
     out = {}
     for task in tasks:
         exs = examples[task.name]
+        if not exs:
+            continue
         out[task.name] = {}
         for temp in temperatures:
             ro = rollout(params, model_config, tokenizer, [e.prompt for e in exs], key,

@@ -191,7 +191,7 @@ def pretrain_mtp(args: MTPArgs) -> dict:
     dataset = make_dataset(corpus, args.train.seq_len, args.train.batch_size, seed=seed, overlong="truncate",
                            vocab_size=model_config.vocab_size)
     eval_batches = list(make_dataset(held_out, args.train.seq_len, min(args.train.batch_size, len(held_out)),
-                                     seed=seed, shuffle=False, num_epochs=1, overlong="truncate",
+                                     seed=seed, shuffle=False, num_epochs=1, drop_remainder=False, overlong="truncate",
                                      vocab_size=model_config.vocab_size))
 
     acceptance, teacher_forced, entropy = {}, {}, {}

@@ -1,0 +1,132 @@
+"""The small-scale pipeline end to end: resume after kill -9, results.json, bad input.
+
+Runs the experiment scripts as subprocesses with a tiny model, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["--model.vocab-size", "264", "--model.hidden-size", "32", "--model.num-layers", "2",
+              "--model.num-heads", "2", "--model.num-kv-heads", "1", "--model.head-dim", "16",
+              "--model.intermediate-size", "64", "--model.max-seq-len", "128", "--model.num-mtp-depths", "2"]
+TINY_BASE = TINY_MODEL + ["--train.batch-size", "8", "--train.seq-len", "96", "--train-examples", "64",
+                          "--solutions-per-example", "1", "--optimizer.warmup-steps", "2",
+                          "--optimizer.decay-steps", "40"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _run(script, args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
+                          text=True, env=_env(), timeout=600, **kw)
+
+
+def _load_params(policy_dir):
+    from bebop_jax.model.params_io import load_policy
+    return load_policy(policy_dir)[1]
+
+
+def test_pretrain_base_resumes_bitwise_after_kill9(tmp_path):
+    steps = ["--train.num-steps", "12", "--train.ckpt-every", "3", "--eval-examples", "0"]
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "pretrain_base.py"), "--run_dir", str(ref_dir),
+                            *TINY_BASE, *steps], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "pretrain_base.py"), "--run_dir",
+                               str(kill_dir), *TINY_BASE, *steps], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (kill_dir / "checkpoints" / "6").is_dir():  # step 6 committed: kill in the middle of the run
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (kill_dir / "policy").exists(), "killed too late: the run had finished"
+    resumed = _run("pretrain_base.py", ["--run_dir", str(kill_dir), *TINY_BASE, *steps])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()[-3000:]
+    a, b = _load_params(ref_dir / "policy"), _load_params(kill_dir / "policy")
+    import jax
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    # and training did move the parameters away from a fresh init
+    from bebop_jax.model import init_params
+    from bebop_jax.model.params_io import read_model_config
+    fresh = init_params(read_model_config(ref_dir / "policy"), jax.random.key(0))
+    assert not np.array_equal(np.asarray(fresh["layers_0"]["mlp"]["up_proj"]), np.asarray(a["layers_0"]["mlp"]["up_proj"]))
+
+
+def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
+    run = tmp_path / "mtp"
+    args = ["--run_dir", str(run), "--loss", "e2e_tv", "--distill-prompts", "32", "--eval-prompts", "16",
+            "--eval-temperatures", "1.0", "--num-draft", "2", "--max-new-tokens", "24", "--batch-size-decode", "16",
+            "--train.num-steps", "4", "--train.batch-size", "8", "--train.seq-len", "96",
+            "--optimizer.warmup-steps", "1", "--optimizer.decay-steps", "10",
+            *[a.replace("--", "--base.", 1) if a.startswith("--") else a for a in TINY_BASE],
+            "--base.train.num-steps", "4", "--base.eval-examples", "0"]
+    out = _run("pretrain_mtp.py", args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    for method in ("greedy", "rejection"):
+        r = results["acceptance"]["e2e_tv"][method]["1.0"]
+        assert len(r["per_depth"]) == 2
+        assert 0.0 <= r["mean_accepted"] <= 2.0
+        assert 1.0 <= r["tokens_per_forward"] <= 3.0
+    assert "config" in results and results["num_draft"] == 2
+    assert (run / "tensorboard").is_dir()
+    assert "E[accepted]" in out.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--loss", "bogus"], "loss"),
+    (["--tasks", "no_such_task"], "no_such_task"),
+    (["--base_dir", "/nonexistent/base"], "base_dir"),
+])
+def test_pretrain_mtp_bad_input_one_error_line(tmp_path, args, needle):
+    out = _run("pretrain_mtp.py", ["--run_dir", str(tmp_path / "r"), *args])
+    assert out.returncode != 0
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unwritable_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = _run("pretrain_mtp.py", ["--run_dir", str(blocker / "run")])
+    assert out.returncode != 0
+    assert out.stderr.strip().startswith("error:") and "run_dir" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_mismatched_base_checkpoint_is_refused_and_kept(tmp_path):
+    import jax
+    from bebop_jax.config import ModelConfig
+    from bebop_jax.model import init_params
+    from bebop_jax.model.params_io import save_policy
+    cfg = ModelConfig.tiny(vocab_size=264, hidden_size=32, max_seq_len=128)
+    policy = tmp_path / "run" / "base" / "policy"
+    save_policy(policy, cfg, init_params(cfg, jax.random.key(0)))
+    before = {p: p.stat().st_mtime_ns for p in policy.rglob("*")}
+    out = _run("pretrain_mtp.py", ["--run_dir", str(tmp_path / "run"), "--base.model.hidden-size", "64"])
+    assert out.returncode != 0
+    assert "hidden_size" in out.stderr and "Traceback" not in out.stderr
+    assert {p: p.stat().st_mtime_ns for p in policy.rglob("*")} == before
