@@ -77,7 +77,10 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     """A ("data", "fsdp", "model") mesh over ``devices`` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = config.shape_for(len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    # jax.make_mesh orders devices by the physical topology (TPU torus, GPU hosts);
+    # Auto axes: shardings are propagated by the compiler from the ones we set.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def param_shardings(logical_tree: Any, shape_tree: Any, mesh: Mesh) -> Any:
@@ -98,11 +101,13 @@ def maybe_initialize_distributed() -> bool:
     """Call ``jax.distributed.initialize()`` when launched on several hosts.
 
     Detects a multi-host launch by the environment the usual launchers set
-    (TPU pod slices set TPU_WORKER_HOSTNAMES / MEGASCALE_*, SLURM sets
-    SLURM_NTASKS, explicit JAX_COORDINATOR_ADDRESS). Returns True if it initialised.
+    (SLURM sets SLURM_NTASKS, GKE TPU pods TPU_WORKER_HOSTNAMES), an explicit
+    JAX_COORDINATOR_ADDRESS, or the opt-in BEBOP_MULTIHOST=1 (gcloud TPU VMs,
+    where jax finds the pod through the metadata server). Returns True if it initialised.
     """
     multi = (
-        "JAX_COORDINATOR_ADDRESS" in os.environ
+        os.environ.get("BEBOP_MULTIHOST") == "1"
+        or "JAX_COORDINATOR_ADDRESS" in os.environ
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
     )

@@ -24,7 +24,7 @@ from bebop_jax.data.pipeline import make_dataset  # noqa: E402
 from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from bebop_jax.model import init_params  # noqa: E402
 from bebop_jax.model.params_io import save_policy  # noqa: E402
-from bebop_jax.parallel import make_mesh  # noqa: E402
+from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
 from bebop_jax.rollout import rollout  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
@@ -75,6 +75,7 @@ def evaluate_accuracy(params, model_config, tokenizer, tasks, examples, temperat
 
 
 def pretrain_base(args: BaseArgs) -> dict:
+    maybe_initialize_distributed()
     run_dir = prepare_run_dir(args.run_dir)
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > args.model.vocab_size:

@@ -34,9 +34,9 @@ from bebop_jax.config import LOSS_NAMES, MeshConfig, MTPConfig, OptimizerConfig,
 from bebop_jax.data.corpus import rollout_examples  # noqa: E402
 from bebop_jax.data.pipeline import make_dataset  # noqa: E402
 from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.model import init_params  # noqa: E402
+from bebop_jax.model.hf import export_hf_checkpoint, init_mtp_params, load_hf_checkpoint  # noqa: E402
 from bebop_jax.model.params_io import load_policy, save_policy  # noqa: E402
-from bebop_jax.parallel import make_mesh  # noqa: E402
+from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
 from bebop_jax.rollout import rollout  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
@@ -91,7 +91,6 @@ def load_base(args: MTPArgs, run_dir, mesh):
     if args.hf_checkpoint:
         if not os.path.isdir(args.hf_checkpoint):
             raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r}: no such directory")
-        from bebop_jax.model.hf import load_hf_checkpoint
         model_config, params = load_hf_checkpoint(args.hf_checkpoint, mesh)
         return model_config, params, load_tokenizer(args.hf_checkpoint)
     if args.base_dir:
@@ -131,9 +130,9 @@ def distillation_rollouts(args: MTPArgs, params, model_config, tokenizer, tasks,
 
 def train_mtp(args: MTPArgs, loss: str, base_params, model_config, dataset, mesh, run_dir, logger):
     """Fresh MTP heads (same init for every loss) trained with ``loss`` on the frozen base."""
-    fresh = init_params(model_config, jax.random.key(args.train.seed + 7), mesh)
+    fresh_heads = init_mtp_params(model_config, jax.random.key(args.train.seed + 7), mesh)
     trunk, _ = split_params(base_params, "trunk_only")
-    params = merge_params(split_params(fresh, "mtp_only")[0], trunk)
+    params = merge_params(fresh_heads, trunk)
     mtp = MTPConfig(loss=loss, mode="mtp_only", temperature=args.rollout_temperature)
     optimizer = make_optimizer(args.optimizer)
     state = init_train_state(params, mtp, optimizer, mesh)
@@ -146,6 +145,8 @@ def train_mtp(args: MTPArgs, loss: str, base_params, model_config, dataset, mesh
                           tb_prefix=f"mtp_{loss}")
     params = result.state.all_params
     save_policy(run_dir / f"mtp_{loss}" / "policy", model_config, params)
+    if args.hf_checkpoint:  # a real model: also hand back HF safetensors with the mtp.* heads
+        export_hf_checkpoint(model_config, params, run_dir / f"mtp_{loss}" / "hf", overwrite=True)
     return params
 
 
@@ -174,6 +175,7 @@ def evaluate_spec(args: MTPArgs, params, model_config, tokenizer, tasks, eval_ex
 
 
 def pretrain_mtp(args: MTPArgs) -> dict:
+    maybe_initialize_distributed()
     run_dir = prepare_run_dir(args.run_dir)
     mesh = make_mesh(args.mesh)
     model_config, base_params, tokenizer = load_base(args, run_dir, mesh)

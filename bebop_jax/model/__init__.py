@@ -14,7 +14,7 @@ from bebop_jax.model.layers import empty_kv_cache
 from bebop_jax.model.policy import Policy, PolicyOutput, shift_tokens
 from bebop_jax.parallel import param_shardings
 
-__all__ = ["Policy", "PolicyOutput", "init_params", "abstract_params", "param_logical_axes",
+__all__ = ["load_hf_checkpoint", "export_hf_checkpoint", "Policy", "PolicyOutput", "init_params", "abstract_params", "param_logical_axes",
            "shard_params_for", "empty_kv_cache", "shift_tokens", "is_trunk_param"]
 
 
@@ -56,3 +56,15 @@ def is_trunk_param(path: tuple) -> bool:
     first = path[0]
     name = getattr(first, "key", getattr(first, "name", first))
     return not str(name).startswith("mtp_")
+
+
+def load_hf_checkpoint(path, mesh: Mesh | None = None, **kwargs):
+    """Load a Hugging Face Qwen3 checkpoint: see ``bebop_jax.model.hf.load_hf_checkpoint``."""
+    from bebop_jax.model import hf
+    return hf.load_hf_checkpoint(path, mesh, **kwargs)
+
+
+def export_hf_checkpoint(model_config: ModelConfig, params: Any, path, **kwargs):
+    """Export to safetensors + config.json: see ``bebop_jax.model.hf.export_hf_checkpoint``."""
+    from bebop_jax.model import hf
+    return hf.export_hf_checkpoint(model_config, params, path, **kwargs)

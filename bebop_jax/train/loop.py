@@ -69,7 +69,8 @@ def run_training(state: Any, step_fn: Callable, dataset: TokenDataset, *, num_st
 
         with Progress(num_steps - start, desc, unit="step") as bar:
             for step in range(start, num_steps):
-                batch = jax.device_put(next(iterator), shard)
+                # each host feeds its own shard of the global batch (one host: a plain device_put)
+                batch = jax.make_array_from_process_local_data(shard, next(iterator))
                 state, metrics = step_fn(state, batch)
                 postfix = {}
                 if pending is not None and (pending[0] % log_every == 0 or pending[0] == num_steps):
