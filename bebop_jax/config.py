@@ -9,6 +9,7 @@ from these dataclasses through ``tyro``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from bebop_jax.sampling import SamplingConfig  # noqa: F401  (re-exported: one home per config)
@@ -66,8 +67,8 @@ class ModelConfig:
         _check(self.num_mtp_modules in (1, self.num_mtp_depths), cls, "num_mtp_modules",
                f"must be 1 (shared) or num_mtp_depths ({self.num_mtp_depths}), "
                f"got {self.num_mtp_modules}")
-        _check(self.rope_theta > 0, cls, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        _check(self.rms_norm_eps > 0, cls, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        _check(math.isfinite(self.rope_theta) and self.rope_theta > 0, cls, "rope_theta", f"must be finite and > 0, got {self.rope_theta}")
+        _check(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0, cls, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, cls, name,
                    f"must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -135,8 +136,8 @@ class MTPConfig:
         _check(self.loss in LOSS_NAMES, cls, "loss", f"must be one of {LOSS_NAMES}, got {self.loss!r}")
         _check(self.mode in ("mtp_only", "joint", "trunk_only"), cls, "mode",
                f"must be 'mtp_only', 'joint' or 'trunk_only', got {self.mode!r}")
-        _check(self.mtp_weight >= 0, cls, "mtp_weight", f"must be >= 0, got {self.mtp_weight}")
-        _check(self.temperature > 0, cls, "temperature",
+        _check(math.isfinite(self.mtp_weight) and self.mtp_weight >= 0, cls, "mtp_weight", f"must be >= 0, got {self.mtp_weight}")
+        _check(math.isfinite(self.temperature) and self.temperature > 0, cls, "temperature",
                f"must be > 0 (a loss needs a distribution), got {self.temperature}")
 
 
@@ -156,7 +157,7 @@ class OptimizerConfig:
 
     def __post_init__(self):
         cls = "OptimizerConfig"
-        _check(self.learning_rate > 0, cls, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(math.isfinite(self.learning_rate) and self.learning_rate > 0, cls, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, cls, "warmup_steps",
                f"must be an int >= 0, got {self.warmup_steps!r}")
         _check(isinstance(self.decay_steps, int) and self.decay_steps > self.warmup_steps, cls,

@@ -20,7 +20,7 @@ gradient):
   kl [K]               masked mean of KL(p || q).
   greedy_alpha [K]     masked mean of p(argmax q): acceptance of a greedy draft.
   target_entropy [K]   masked mean of H(p) in nats.
-  expected_accepted    E[A] = masked mean over positions t of sum_j m_{t,j} P_{t,j},
+  expected_accepted    E[A] = masked mean over positions t of sum_j [m_{t,j} != 0] P_{t,j},
                        P_{t,j} = prod_{i<=j} alpha_{t,i} (alpha taken as 1 at masked
                        depths). Positions are weighted by max_j m_{t,j}, so a bool
                        mask counts each position with at least one valid depth once.
@@ -279,7 +279,7 @@ def _pair_metrics(terms, mask_xK, loss) -> Metrics:
     mask_xK = jax.lax.stop_gradient(mask_xK)
     alpha_xK = 1.0 - tv_xK
     prefix_xK = _acceptance_prefix_products(alpha_xK, mask_xK)
-    accepted_x = jnp.sum(jnp.where(mask_xK != 0, mask_xK * prefix_xK, 0.0), axis=-1)
+    accepted_x = jnp.sum(jnp.where(mask_xK != 0, prefix_xK, 0.0), axis=-1)  # weights don't scale E[A]
     position_weight_x = jnp.max(mask_xK, axis=-1)
     expected_accepted = jnp.sum(position_weight_x * accepted_x) / jnp.maximum(
         jnp.sum(position_weight_x), _TINY)

@@ -82,6 +82,8 @@ def init_train_state(params: dict, mtp_config: MTPConfig, optimizer: optax.Gradi
     """Split ``params`` by mode and build optimizer state for the trained part only.
 
     ``params`` should already be placed on ``mesh`` (``init_params(..., mesh=mesh)``).
+    The state holds the caller's arrays and the jitted step donates them: after the
+    first step, use ``state.all_params``, not the ``params`` passed in here.
     Each optimizer moment takes its parameter's sharding; scalars are replicated.
     """
     trainable, frozen = split_params(params, mtp_config.mode)
