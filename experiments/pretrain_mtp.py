@@ -28,6 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bebop_jax.config import LOSS_NAMES, MeshConfig, MTPConfig, OptimizerConfig, SpecConfig, TrainConfig  # noqa: E402
@@ -132,7 +133,9 @@ def train_mtp(args: MTPArgs, loss: str, base_params, model_config, dataset, mesh
     """Fresh MTP heads (same init for every loss) trained with ``loss`` on the frozen base."""
     fresh_heads = init_mtp_params(model_config, jax.random.key(args.train.seed + 7), mesh)
     trunk, _ = split_params(base_params, "trunk_only")
-    params = merge_params(fresh_heads, trunk)
+    # The train step donates its state, frozen trunk included: give it a copy so the
+    # base stays usable for the next loss.
+    params = merge_params(fresh_heads, jax.tree.map(jnp.copy, trunk))
     mtp = MTPConfig(loss=loss, mode="mtp_only", temperature=args.rollout_temperature)
     optimizer = make_optimizer(args.optimizer)
     state = init_train_state(params, mtp, optimizer, mesh)
