@@ -46,9 +46,10 @@ class BaseArgs:
     eval_temperatures: tuple[float, ...] = (0.0, 1.0)
     max_new_tokens: int = 96
     tokenizer: str = "byte"
-    model: ModelConfig = ModelConfig.small()
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=50, decay_steps=900)
-    train: TrainConfig = TrainConfig(batch_size=32, seq_len=160, num_steps=900, log_every=20, ckpt_every=100)
+    # 4 trunk layers vs 1 MTP layer: the draft is much cheaper than the target
+    model: ModelConfig = ModelConfig.small(hidden_size=128, num_layers=4, intermediate_size=384, head_dim=32)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=30, decay_steps=600)
+    train: TrainConfig = TrainConfig(batch_size=32, seq_len=128, num_steps=600, log_every=20, ckpt_every=100)
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):

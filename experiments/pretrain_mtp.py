@@ -59,15 +59,15 @@ class MTPArgs:
     hf_checkpoint: str | None = None     # a Hugging Face Qwen3 directory (tokenizer read from it too)
     loss: str = "all"                    # ce | kl | tv | e2e_tv | all
     tasks: tuple[str, ...] = ("arithmetic",)
-    distill_prompts: int = 2048          # train prompts per task whose base responses form the MTP data
+    distill_prompts: int = 1024          # train prompts per task whose base responses form the MTP data
     eval_prompts: int = 64               # held-out prompts per task
     rollout_temperature: float = 1.0     # temperature of the distillation rollouts and of the loss
     eval_temperatures: tuple[float, ...] = (0.6, 1.0)
     num_draft: int = 3                   # K at evaluation (<= the model's num_mtp_depths)
     max_new_tokens: int = 96
     batch_size_decode: int = 64
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=20, decay_steps=300)
-    train: TrainConfig = TrainConfig(batch_size=32, seq_len=160, num_steps=300, log_every=20, ckpt_every=100)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=10, decay_steps=150)
+    train: TrainConfig = TrainConfig(batch_size=32, seq_len=128, num_steps=150, log_every=20, ckpt_every=50)
     mesh: MeshConfig = MeshConfig()
     base: BaseArgs = BaseArgs()          # how to train a base when none is given
 
