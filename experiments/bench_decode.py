@@ -33,6 +33,12 @@ Each verify step then emits exactly one token, as a vanilla step does, so
 speculative path itself (drafting K tokens with the MTP window caches, a K+1-token
 verify forward, rejection sampling); the issue's target is <= 15%.
 
+On CPU, small matmuls with more than one row go to Eigen's multi-threaded GEMM,
+whose thread hand-off dominates at batch 1: a (K+1)-token verify forward then costs
+~1.7x a 1-token one (~1.3x with ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``,
+which also made vanilla decoding ~2x faster on a 2-core machine). Set that flag
+in the environment to measure single-threaded matmuls; the default is XLA's.
+
 ``--agreeing_heads`` (a synthetic upper range, also value-only): the trunk's layer
 outputs are scaled down (a near-Markov chain on the current token) and each MTP
 module passes the token embedding through, so drafts nearly equal the target and

@@ -8,7 +8,8 @@ then one jitted ``lax.while_loop``. Each speculative step
 3. accepts / rejects per row (``rejection_sample``) and emits A+1 tokens,
 
 where L is a row's number of cached tokens and x_L its pending token (emitted,
-not yet fed to the trunk). Rows advance by their own accepted counts.
+not yet fed to the trunk). Rows advance by their own accepted counts, cut
+after EOS and at max_new_tokens (so a returned state ends at the returned tokens).
 
 MTP caches, exactly. Depth k's attention at position s reads entries computed
 from (depth k-1 hidden at s, x_{s+k}). For s <= L-k all of that is known; for
@@ -162,17 +163,22 @@ def _draft(model: _Model, state: DecodeState, key: Array, k_draft: int, sampling
 
 
 def _emit(out, n_gen, done, new_BxE, count_B, eos_id, max_new):
-    """Append up to ``count`` tokens per row; stop rows at EOS or max_new."""
+    """Append up to ``count`` tokens per row; stop rows at EOS or max_new.
+
+    Returns ``take`` [B], the tokens each row actually keeps (cut after EOS and at
+    max_new): rows advance by exactly that, so a returned state ends at the returned
+    tokens and a continuation never sees tokens the caller was not given.
+    """
     e = new_BxE.shape[1]
     j = jnp.arange(e)[None, :]
     valid = (j < count_B[:, None]) & ~done[:, None]
     is_eos = valid & (new_BxE == eos_id) if eos_id is not None else jnp.zeros_like(valid)
     first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, e + 1)
-    take = jnp.where(done, 0, jnp.minimum(count_B, first_eos))
+    take = jnp.where(done, 0, jnp.minimum(jnp.minimum(count_B, first_eos), max_new - n_gen))
     out = _scatter_rows(out, n_gen[:, None] + j, new_BxE, j < take[:, None])
     n_gen = n_gen + take
     done = done | (first_eos <= e) & (take > 0) | (n_gen >= max_new)
-    return out, n_gen, done
+    return out, n_gen, done, take
 
 
 def _init_state(model_config: ModelConfig, batch: int, cache_len: int, num_depths: int, dtype) -> DecodeState:
@@ -194,8 +200,8 @@ def _generate_impl(params, prompts, prompt_lens, key, *, model_config: ModelConf
     state = _init_state(model_config, b, cache_len, k_draft, jnp.dtype(model_config.dtype))
     state, pending = _prefill(model, state, prompts, prompt_lens, jax.random.fold_in(key, 0), sampling_cfg, k_draft)
     out = jnp.full((b, max_new_tokens + k_draft + 1), -1, jnp.int32)
-    out, n_gen, done = _emit(out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), pending[:, None],
-                             jnp.ones((b,), jnp.int32), eos_id, max_new_tokens)
+    out, n_gen, done, _ = _emit(out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), pending[:, None],
+                                jnp.ones((b,), jnp.int32), eos_id, max_new_tokens)
     kk = max(k_draft, 1)
     stats0 = dict(steps=jnp.zeros((), jnp.int32), row_steps=jnp.zeros((), jnp.int32),
                   accepted=jnp.zeros((kk,), jnp.int32), attempted=jnp.zeros((kk,), jnp.int32),
@@ -230,7 +236,7 @@ def _generate_impl(params, prompts, prompt_lens, key, *, model_config: ModelConf
             new_state = dataclasses.replace(state, trunk_cache=trunk_cache, mtp_cache=mtp_cache)
         count = n_acc + 1
         live = ~done
-        adv = jnp.where(live, count, 0)
+        out, n_gen, done_new, adv = _emit(out, n_gen, done, emitted, count, eos_id, max_new_tokens)
         new_len = state.length + adv
         seq = _scatter_rows(new_state.seq, state.length[:, None] + 1 + jnp.arange(emitted.shape[1])[None, :],
                             emitted, (jnp.arange(emitted.shape[1])[None, :] < adv[:, None]))
@@ -241,7 +247,6 @@ def _generate_impl(params, prompts, prompt_lens, key, *, model_config: ModelConf
         else:
             hidden_window = state.hidden_window
         new_state = dataclasses.replace(new_state, seq=seq, length=new_len, hidden_window=hidden_window)
-        out, n_gen, done_new = _emit(out, n_gen, done, emitted, count, eos_id, max_new_tokens)
         depth = jnp.arange(1, kk + 1)[None, :]
         live_i = live[:, None].astype(jnp.int32)
         stats = dict(steps=stats["steps"] + 1,
