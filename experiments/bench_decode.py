@@ -62,7 +62,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bebop_jax.config import ModelConfig, SpecConfig  # noqa: E402
-from bebop_jax.model import init_params  # noqa: E402
+from bebop_jax.model import init_params, load_hf_checkpoint, params_io  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
 from bebop_jax.spec import generate  # noqa: E402
 from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
@@ -123,8 +123,7 @@ def load_policy(path: str) -> tuple[ModelConfig, dict]:
     Accepts a small-scale policy directory (``model_config.json`` + ``params/``, as
     pretrain_base / pretrain_mtp write under ``<run>/policy``, or a run directory that
     holds ``policy/``) or a Hugging Face Qwen3 directory (``config.json`` +
-    ``*.safetensors``). Raises NotImplementedError naming the missing loader module if
-    this checkout lacks it, and UserError for a path that is neither format.
+    ``*.safetensors``). Raises UserError for a path that is neither format.
     """
     root = Path(path)
     if not root.exists():
@@ -132,20 +131,8 @@ def load_policy(path: str) -> tuple[ModelConfig, dict]:
     candidates = [root, root / "policy"]
     for cand in candidates:
         if (cand / "model_config.json").is_file():
-            try:
-                from bebop_jax.model import params_io
-            except ImportError as e:
-                raise NotImplementedError(
-                    "loading a policy checkpoint needs bebop_jax.model.params_io.load_policy, "
-                    f"which this checkout lacks ({e})") from None
             return params_io.load_policy(cand)
     if (root / "config.json").is_file():
-        try:
-            from bebop_jax.model import load_hf_checkpoint
-        except ImportError as e:
-            raise NotImplementedError(
-                "loading a Hugging Face checkpoint needs bebop_jax.model.load_hf_checkpoint, "
-                f"which this checkout lacks ({e})") from None
         return load_hf_checkpoint(root)
     raise UserError(f"--params {path!r}: neither a policy checkpoint (model_config.json + params/) "
                     "nor a Hugging Face directory (config.json + *.safetensors)")
