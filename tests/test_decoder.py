@@ -402,6 +402,59 @@ def test_prefill_continuation_equals_prefill_of_whole_conversation():
     teacher_forced_check(params, CFG, cont, k, GREEDY, "rejection", jax.random.key(1))
 
 
+def env_turn(b: int):
+    lens = np.array([1, 2, 3, 4, 0, 1], np.int32)[:b]
+    return np.random.default_rng(5).integers(0, V_GREEDY, (b, 4)).astype(np.int32), lens
+
+
+def test_continue_generate_equals_generate_on_the_whole_conversation():
+    """The public seam: an environment turn appended to a returned state, then more
+    tokens, equals generating from the whole conversation (greedy: token for token),
+    also for a row whose previous response stopped at EOS and a row with an empty turn."""
+    res = greedy_spec_run("rejection", K_MAX)
+    _, eos_id = greedy_reference()
+    assert np.any(res.lengths < MAX_NEW), "no row stopped at EOS: the test would not cover done rows"
+    b = len(PROMPTS)
+    env, env_lens = env_turn(b)
+    state = jax.tree.map(jnp.copy, res.state)  # continue_generate donates its state; keep the cached one intact
+    more = 8
+    cont = dec.continue_generate(params_for("greedy"), CFG, state, env, env_lens, jax.random.key(2),
+                                 max_new_tokens=more, sampling=SamplingConfig(temperature=0.0),
+                                 spec=SpecConfig("rejection", K_MAX), eos_id=eos_id, return_state=True)
+    conv_lens = PROMPT_LENS + res.lengths + env_lens
+    conv = np.zeros((b, conv_lens.max()), np.int32)
+    for i in range(b):
+        p, n, e = PROMPT_LENS[i], res.lengths[i], env_lens[i]
+        conv[i, :p + n + e] = np.concatenate([PROMPTS[i, :p], res.tokens[i, :n], env[i, :e]])
+    ref = generate(params_for("greedy"), CFG, conv, conv_lens, jax.random.key(3), max_new_tokens=more,
+                   sampling=SamplingConfig(temperature=0.0), spec=SpecConfig("none"), eos_id=eos_id)
+    np.testing.assert_array_equal(cont.tokens, ref.tokens)
+    np.testing.assert_array_equal(cont.lengths, ref.lengths)
+    np.testing.assert_array_equal(np.asarray(cont.state.length), conv_lens + cont.lengths - 1)
+
+
+BAD_CONTINUE_ARGS = {
+    "spec": dict(spec=SpecConfig("rejection", 2)),
+    "cache_len": dict(max_new_tokens=40),
+    "new_lens": dict(new_lens=np.array([5, 0, 0, 0, 0, 0])),
+    "new_tokens": dict(new_tokens=np.full((6, 4), V_GREEDY)),
+    "new_tokens ": dict(new_tokens=np.zeros((5, 4), np.int32)),
+    "state": dict(state="not a state"),
+}
+
+
+@pytest.mark.parametrize("arg", list(BAD_CONTINUE_ARGS))
+def test_continue_generate_rejects_bad_arguments_before_compiling(arg, monkeypatch):
+    state = greedy_spec_run("rejection", K_MAX).state
+    env, env_lens = env_turn(len(PROMPTS))
+    monkeypatch.setattr(jax, "jit", _no_jit)
+    kwargs = dict(state=state, new_tokens=env, new_lens=env_lens, max_new_tokens=4, spec=SpecConfig("rejection", K_MAX))
+    kwargs.update(BAD_CONTINUE_ARGS[arg])
+    with pytest.raises(ValueError, match=arg.strip()):
+        dec.continue_generate(params_for("greedy"), CFG, kwargs.pop("state"), kwargs.pop("new_tokens"),
+                              kwargs.pop("new_lens"), jax.random.key(0), **kwargs)
+
+
 # ------------------------------------------------------------------ bad input
 
 def _no_jit(*args, **kwargs):

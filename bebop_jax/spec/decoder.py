@@ -20,6 +20,10 @@ older than the window were last written when all their tokens were known or
 accepted: with at most K+1 tokens emitted per step, an entry leaves the window
 only after every draft it used was accepted. The drafts therefore follow the
 same distribution the teacher-forced training forward defines.
+
+Multi-turn rollouts: ``generate(..., return_state=True)`` returns the caches, and
+``continue_generate(state, env_tokens, ...)`` appends an environment turn and
+generates the next response without re-prefilling the conversation.
 """
 
 from __future__ import annotations
@@ -195,10 +199,31 @@ def _generate_impl(params, prompts, prompt_lens, key, *, model_config: ModelConf
                    sampling_cfg: SamplingConfig, spec: SpecConfig, eos_id: int | None, cache_len: int,
                    impl: str):
     model = _Model(params, model_config)
-    b = prompts.shape[0]
     k_draft = 0 if spec.method == "none" else spec.num_draft
-    state = _init_state(model_config, b, cache_len, k_draft, jnp.dtype(model_config.dtype))
+    state = _init_state(model_config, prompts.shape[0], cache_len, k_draft, jnp.dtype(model_config.dtype))
     state, pending = _prefill(model, state, prompts, prompt_lens, jax.random.fold_in(key, 0), sampling_cfg, k_draft)
+    return _decode(model, state, pending, key, max_new_tokens=max_new_tokens, sampling_cfg=sampling_cfg, spec=spec,
+                   eos_id=eos_id, impl=impl)
+
+
+def _continue_impl(params, state: DecodeState, new_tokens, new_lens, key, *, model_config: ModelConfig,
+                   max_new_tokens: int, sampling_cfg: SamplingConfig, spec: SpecConfig, eos_id: int | None,
+                   impl: str):
+    """Feed [pending token] + ``new_tokens`` (an environment turn) onto ``state``, then decode."""
+    model = _Model(params, model_config)
+    k_draft = 0 if spec.method == "none" else spec.num_draft
+    pending = _gather_rows(state.seq, state.length[:, None])
+    tokens = jnp.concatenate([pending, new_tokens], axis=1)
+    state, pending = _prefill(model, state, tokens, new_lens + 1, jax.random.fold_in(key, 0), sampling_cfg, k_draft)
+    return _decode(model, state, pending, key, max_new_tokens=max_new_tokens, sampling_cfg=sampling_cfg, spec=spec,
+                   eos_id=eos_id, impl=impl)
+
+
+def _decode(model: _Model, state: DecodeState, pending: Array, key: Array, *, max_new_tokens: int,
+            sampling_cfg: SamplingConfig, spec: SpecConfig, eos_id: int | None, impl: str):
+    """The on-device loop after a prefill: emit ``pending``, then draft / verify / accept until done."""
+    b = pending.shape[0]
+    k_draft = 0 if spec.method == "none" else spec.num_draft
     out = jnp.full((b, max_new_tokens + k_draft + 1), -1, jnp.int32)
     out, n_gen, done, _ = _emit(out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), pending[:, None],
                                 jnp.ones((b,), jnp.int32), eos_id, max_new_tokens)
@@ -317,17 +342,74 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
     prompts_np = np.asarray(prompts)
     lens_np = np.asarray(prompt_lens)
     cache_len = validate_generate_args(model_config, prompts_np, lens_np, max_new_tokens, spec, cache_len)
-    sig = (model_config, max_new_tokens, sampling, spec, eos_id, cache_len, impl, prompts_np.shape)
-    fn = _JIT_CACHE.get(sig)
+    sig = ("generate", model_config, max_new_tokens, sampling, spec, eos_id, cache_len, impl, prompts_np.shape)
     args = (params, jnp.asarray(prompts_np, jnp.int32), jnp.asarray(lens_np, jnp.int32), key)
-    if fn is None:
-        jitted = jax.jit(functools.partial(_generate_impl, model_config=model_config, max_new_tokens=max_new_tokens,
-                                           sampling_cfg=sampling, spec=spec, eos_id=eos_id, cache_len=cache_len,
-                                           impl=impl))
-        fn = jitted.lower(*args).compile()
-        _JIT_CACHE[sig] = fn
+    fn = functools.partial(_generate_impl, model_config=model_config, max_new_tokens=max_new_tokens,
+                           sampling_cfg=sampling, spec=spec, eos_id=eos_id, cache_len=cache_len, impl=impl)
+    return _run(sig, fn, args, spec, return_state, donate=())
+
+
+def continue_generate(params, model_config: ModelConfig, state: DecodeState, new_tokens, new_lens, key, *,
+                      max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                      spec: SpecConfig = SpecConfig(), eos_id: int | None = None, impl: str = "auto",
+                      return_state: bool = False) -> GenerateResult:
+    """Append an environment turn to a returned ``state`` and generate the next response.
+
+    ``state`` comes from ``generate(..., return_state=True)`` (or from an earlier
+    continuation); ``new_tokens`` [B, T] right-padded with ``new_lens`` [B] real
+    tokens per row (0 is allowed: the row just goes on). The conversation so far is
+    not re-prefilled: the last returned token (pending in ``state``) and the new
+    tokens are fed at positions ``state.length..`` onto the cached keys and values,
+    and the result equals ``generate`` on the whole conversation. ``spec`` must
+    use the ``num_draft`` the state was made with (its MTP window caches), and the
+    state's cache (``generate``'s ``cache_len``) must have room for the new tokens,
+    ``max_new_tokens``, and ``num_draft + 1`` scratch slots. Returned ``tokens`` hold
+    only the newly generated tokens. ``state`` is donated (its caches are updated in
+    place on accelerators): use the returned state, not the one passed in.
+    """
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if not isinstance(state, DecodeState):
+        raise ValueError(f"state must be the DecodeState of generate(..., return_state=True), "
+                         f"got {type(state).__name__}")
+    if not isinstance(spec, SpecConfig):
+        raise ValueError(f"spec must be a SpecConfig, got {type(spec).__name__}")
+    k = 0 if spec.method == "none" else spec.num_draft
+    if len(state.mtp_cache) != k:
+        raise ValueError(f"spec: the state was made with num_draft={len(state.mtp_cache)} (0 = method 'none'); "
+                         f"continue with the same, got num_draft={k}")
+    tokens_np, lens_np = np.asarray(new_tokens), np.asarray(new_lens)
+    b, cache_len = state.seq.shape
+    if tokens_np.ndim != 2 or tokens_np.shape[0] != b or not np.issubdtype(tokens_np.dtype, np.integer):
+        raise ValueError(f"new_tokens must be integer ids of shape [B={b}, T], got {tokens_np.dtype} "
+                         f"{tuple(tokens_np.shape)}")
+    if np.any((tokens_np < 0) | (tokens_np >= model_config.vocab_size)):
+        raise ValueError(f"new_tokens: token ids must lie in [0, vocab_size={model_config.vocab_size})")
+    if lens_np.shape != (b,) or np.any(lens_np < 0) or np.any(lens_np > tokens_np.shape[1]):
+        raise ValueError(f"new_lens must have shape [B] = ({b},) with values in [0, {tokens_np.shape[1]}], "
+                         f"got {lens_np.tolist()}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    needed = int(np.max(np.asarray(state.length))) + 1 + tokens_np.shape[1] + max_new_tokens + k + 1
+    if needed > cache_len:
+        raise ValueError(f"cache_len: the state's cache holds {cache_len} positions; continuing needs {needed} "
+                         f"(conversation + new_tokens + max_new_tokens + num_draft + 1). Pass a larger "
+                         f"cache_len to the first generate call.")
+    sig = ("continue", model_config, max_new_tokens, sampling, spec, eos_id, impl, tokens_np.shape, cache_len)
+    args = (params, state, jnp.asarray(tokens_np, jnp.int32), jnp.asarray(lens_np, jnp.int32), key)
+    fn = functools.partial(_continue_impl, model_config=model_config, max_new_tokens=max_new_tokens,
+                           sampling_cfg=sampling, spec=spec, eos_id=eos_id, impl=impl)
+    return _run(sig, fn, args, spec, return_state, donate=(1,))
+
+
+def _run(sig: tuple, fn, args: tuple, spec: SpecConfig, return_state: bool, donate: tuple) -> GenerateResult:
+    """Compile ``fn`` once per signature, run it, and gather tokens and stats on the host."""
+    compiled = _JIT_CACHE.get(sig)
+    if compiled is None:
+        compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        _JIT_CACHE[sig] = compiled
     t0 = time.perf_counter()
-    tokens, lengths, stats, state = fn(*args)
+    tokens, lengths, stats, state = compiled(*args)
     tokens = np.asarray(jax.device_get(tokens))
     seconds = time.perf_counter() - t0
     lengths = np.asarray(lengths)
