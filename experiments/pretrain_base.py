@@ -46,6 +46,7 @@ class BaseArgs:
     eval_temperatures: tuple[float, ...] = (0.0, 1.0)
     max_new_tokens: int = 96
     tokenizer: str = "byte"
+    pack: bool = True                   # several examples per row (about half of each unpacked row is padding)
     # 4 trunk layers vs 1 MTP layer: the draft is much cheaper than the target
     model: ModelConfig = ModelConfig.small(hidden_size=128, num_layers=4, intermediate_size=384, head_dim=32)
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=30, decay_steps=600)
@@ -91,7 +92,7 @@ def pretrain_base(args: BaseArgs) -> dict:
                                     seed=train_seed)
         eval_examples[task.name] = task.examples("test", args.eval_examples, seed=train_seed)
     dataset = make_dataset(corpus, args.train.seq_len, args.train.batch_size, seed=train_seed,
-                           overlong="drop", vocab_size=args.model.vocab_size)
+                           overlong="drop", vocab_size=args.model.vocab_size, pack=args.pack)
 
     mesh = make_mesh(args.mesh)
     params = init_params(args.model, jax.random.key(train_seed), mesh)
@@ -104,7 +105,8 @@ def pretrain_base(args: BaseArgs) -> dict:
         result = run_training(state, step_fn, dataset, num_steps=args.train.num_steps, mesh=mesh,
                               ckpt_dir=str(run_dir / "checkpoints"), ckpt_every=args.train.ckpt_every,
                               logger=logger, config=cfg, log_every=args.train.log_every, desc="pretrain_base",
-                              config_keys=("model", "tasks", "difficulty", "train", "optimizer", "tokenizer"))
+                              config_keys=("model", "tasks", "difficulty", "train", "optimizer", "tokenizer",
+                                           "pack"))
         params = result.state.all_params
         save_policy(run_dir / "policy", args.model, params)
         acc = evaluate_accuracy(params, args.model, tokenizer, tasks, eval_examples, args.eval_temperatures,

@@ -116,6 +116,48 @@ def test_resume_from_state(read_options):
         set_state(iter(ds), {"next_index": 5})
 
 
+def test_packing_keeps_every_example_whole_once_per_epoch():
+    examples = _examples(40, min_len=3, max_len=12)
+    ds = make_dataset(examples, seq_len=24, batch_size=4, seed=3, num_epochs=1, drop_remainder=False,
+                      pad_id=PAD, pack=True, shard_index=0, shard_count=1)
+    seen = []
+    for b in ds:
+        assert set(b) == {"tokens", "loss_mask", "positions", "segment_ids"}
+        for tok, mask, pos, seg in zip(b["tokens"], b["loss_mask"], b["positions"], b["segment_ids"]):
+            for s_id in range(1, seg.max() + 1):
+                where = np.nonzero(seg == s_id)[0]
+                assert np.array_equal(where, np.arange(where[0], where[0] + len(where)))  # contiguous
+                i = int(tok[where[0]]) - 1000
+                np.testing.assert_array_equal(tok[where], examples[i][0])
+                np.testing.assert_array_equal(mask[where], examples[i][1])
+                np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+                seen.append(i)
+            pad = seg == 0
+            assert (tok[pad] == PAD).all() and (mask[pad] == 0).all()
+            assert pad.sum() == 0 or np.nonzero(pad)[0][0] == np.nonzero(~pad)[0][-1] + 1  # padding at the end
+    assert sorted(seen) == list(range(40))
+    assert ds.stats.num_rows < 40 / 1.5  # rows hold ~3 examples of mean length 7.5 in 24 slots
+
+
+def test_packed_pipeline_is_deterministic_and_resumes():
+    examples = _examples(50)
+    make = lambda: make_dataset(examples, seq_len=20, batch_size=3, seed=5, pack=True, shard_index=0,
+                                shard_count=1)
+    a = _take(iter(make()), 12)
+    assert _same_batches(a, _take(iter(make()), 12))
+    it = iter(make())
+    _take(it, 5)
+    state = json.loads(json.dumps(get_state(it)))
+    resumed = iter(make())
+    set_state(resumed, state)
+    rest = _take(resumed, 7)
+    assert _same_batches(a[5:], rest)
+    assert all(np.array_equal(x["segment_ids"], y["segment_ids"]) for x, y in zip(a[5:], rest))
+    unpacked = iter(make_dataset(examples, seq_len=20, batch_size=3, seed=5, shard_index=0, shard_count=1))
+    with pytest.raises(ValueError, match="another pipeline"):
+        set_state(unpacked, state)
+
+
 def test_finite_epochs_length():
     ds = make_dataset(_examples(10), 16, 3, seed=0, num_epochs=2, shard_index=0, shard_count=1)
     assert len(ds) == 6 and len(list(ds)) == 6  # 20 examples // 3, remainder dropped

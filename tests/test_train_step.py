@@ -397,6 +397,42 @@ def test_params_sharded_by_rules_table(joint_runs):
     assert dp.sharding.spec == P(None, None, None) and dp.addressable_shards[0].data.shape == dp.shape
 
 
+def test_packed_rows_give_each_example_its_own_loss():
+    """Three examples packed into one row (positions restart, segment ids) give the
+    same trunk logits as each example alone, so the packed CE is the unpacked one."""
+    params = host_params()
+    lens = (5, 4, 3)
+    rng = np.random.default_rng(3)
+    examples = [rng.integers(0, V, n).astype(np.int32) for n in lens]
+    tokens = np.concatenate(examples)[None]
+    positions = np.concatenate([np.arange(n) for n in lens])[None].astype(np.int32)
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[None].astype(np.int32)
+    policy = Policy(CFG)
+    _, packed, _ = policy.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions), None,
+                                jnp.asarray(segments), method=Policy.trunk)
+    start = 0
+    for ex in examples:
+        alone = policy.apply({"params": params}, jnp.asarray(ex[None])).logits
+        np.testing.assert_allclose(packed[0, start:start + len(ex)], alone[0], atol=2e-5)
+        start += len(ex)
+    # Without the segment ids the second example would see the first: the check can fail.
+    _, leaky, _ = policy.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                               method=Policy.trunk)
+    assert not np.allclose(leaky[0, lens[0]:], packed[0, lens[0]:], atol=1e-3)
+    # The train step's CE on the packed row (first token of each example unscored)
+    # equals the token-weighted CE of the examples alone.
+    mask = np.ones_like(tokens, np.float32)
+    mask[0, np.cumsum((0,) + lens[:-1])] = 0.0
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask),
+             "positions": jnp.asarray(positions), "segment_ids": jnp.asarray(segments)}
+    _, m = loss_and_metrics(params, batch, mode="trunk_only")
+    alone_ce = [float(loss_and_metrics(params, {"tokens": jnp.asarray(ex[None]),
+                                                "loss_mask": jnp.ones((1, len(ex)), jnp.float32)},
+                                       mode="trunk_only")[1]["trunk/ce"]) for ex in examples]
+    np.testing.assert_allclose(float(m["trunk/ce"]), np.average(alone_ce, weights=[n - 1 for n in lens]),
+                               rtol=1e-5)
+
+
 def test_bad_batches_rejected_before_compile(joint_runs):
     run, state = joint_runs["2x2x2"]["run"], joint_runs["2x2x2"]["state"]
     compiled_before = run.jitted._cache_size()
@@ -409,6 +445,7 @@ def test_bad_batches_rejected_before_compile(joint_runs):
         (make_batch(20, t=CFG.max_seq_len + 1), "max_seq_len"),
         ({"tokens": good["tokens"]}, "keys"),
         (dict(good, extra=good["tokens"]), "keys"),
+        (dict(good, positions=good["tokens"], segment_ids=good["tokens"]), "trunk_only"),  # packed: base only
     ]
     for batch, pattern in bad:
         with pytest.raises(ValueError, match=pattern):

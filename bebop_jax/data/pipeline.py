@@ -6,9 +6,14 @@ against `logits[:, :-1]`. Prompts and environment turns get 0, the response and 
 closing eos get 1.
 
 Batches are `{"tokens": int32 [B, T], "loss_mask": float32 [B, T]}` with T = seq_len.
-Short examples are right-padded with `pad_id` and mask 0; examples are never packed
-(the model has no segment masks). Under causal attention the padding cannot change the
-loss of any real token, so the pad id only matters for readability.
+Short examples are right-padded with `pad_id` and mask 0. Under causal attention the
+padding cannot change the loss of any real token, so the pad id only matters for
+readability. With `pack=True` (base pretraining on short examples, where padding
+would waste about half of every step) several examples share a row: batches gain
+`positions` (restarting at 0 in each example) and `segment_ids` (1, 2, ... per
+example, 0 on padding), and the trunk attends within a segment only, so each
+example's loss is the same as alone in its own row. Packing is next-fit over a
+seeded shuffle, done once; rows are then reshuffled every epoch.
 
 Over-long examples (more than seq_len tokens) are dropped by default (a truncated
 response has no eos, which would teach the model not to stop); `overlong="truncate"`
@@ -90,6 +95,7 @@ class DatasetStats:
     num_overlong: int  # longer than seq_len (dropped or truncated, per `overlong`)
     num_examples: int  # examples in this host's shard, after dropping
     batches_per_epoch: int  # of this shard (rounded down; batches may span epochs)
+    num_rows: int = 0  # rows of this shard per epoch (= num_examples unless packed)
 
 
 class _PaddedExamples:
@@ -110,6 +116,47 @@ class _PaddedExamples:
         tokens_T[:len(tokens_L)] = tokens_L
         mask_T[:len(mask_L)] = mask_L
         return {"tokens": tokens_T, "loss_mask": mask_T}
+
+
+class _PackedRows:
+    """Random-access source: packed row i (several whole examples) as fixed-length arrays."""
+
+    def __init__(self, tokens: list[np.ndarray], masks: list[np.ndarray], rows: list[list[int]],
+                 seq_len: int, pad_id: int):
+        self._tokens, self._masks, self._rows = tokens, masks, rows
+        self._seq_len, self._pad_id = seq_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> Batch:
+        out = {"tokens": np.full((self._seq_len,), self._pad_id, np.int32),
+               "loss_mask": np.zeros((self._seq_len,), np.float32),
+               "positions": np.zeros((self._seq_len,), np.int32),
+               "segment_ids": np.zeros((self._seq_len,), np.int32)}
+        start = 0
+        for seg, i in enumerate(self._rows[index], start=1):
+            n = len(self._tokens[i])
+            out["tokens"][start:start + n] = self._tokens[i]
+            out["loss_mask"][start:start + n] = self._masks[i]
+            out["positions"][start:start + n] = np.arange(n)
+            out["segment_ids"][start:start + n] = seg
+            start += n
+        return out
+
+
+def _pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Next-fit: walk ``order``, start a new row when the next example does not fit."""
+    rows, row, used = [], [], 0
+    for i in order:
+        if used + lengths[i] > seq_len and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(int(i))
+        used += lengths[i]
+    if row:
+        rows.append(row)
+    return rows
 
 
 class BatchIterator(Iterator[Batch]):
@@ -227,7 +274,7 @@ def make_dataset(examples: Sequence[Example], seq_len: int, batch_size: int, see
                  drop_remainder: bool = True, pad_id: int = 0,
                  overlong: Literal["drop", "truncate", "error"] = "drop",
                  shard_index: int | None = None, shard_count: int | None = None,
-                 vocab_size: int | None = None,
+                 vocab_size: int | None = None, pack: bool = False,
                  read_options: grain.ReadOptions | None = None) -> TokenDataset:
     """Batches `{"tokens": int32 [B, T], "loss_mask": float32 [B, T]}` from examples.
 
@@ -247,6 +294,8 @@ def make_dataset(examples: Sequence[Example], seq_len: int, batch_size: int, see
       shard_index, shard_count: this host reads examples[shard_index::shard_count];
         default `jax.process_index()` / `jax.process_count()`.
       vocab_size: if given, token ids must lie in [0, vocab_size).
+      pack: put several whole examples in one row (see the module docstring); batches
+        then also hold `positions` and `segment_ids`.
       read_options: grain read options; default synchronous (no threads), which is
         fastest for in-memory token lists on few cores.
     """
@@ -304,23 +353,33 @@ def make_dataset(examples: Sequence[Example], seq_len: int, batch_size: int, see
     if end <= shard_index:
         raise ValueError(f"shard_count={shard_count} exceeds the {num_kept} usable examples: "
                          f"shard {shard_index} would be empty")
+    if not isinstance(pack, (bool, np.bool_)):
+        raise ValueError(f"pack must be a bool, got {pack!r}")
     ds = grain.MapDataset.source(_PaddedExamples(tokens_all, masks_all, seq_len, pad_id))
     ds = ds[shard_index:end:shard_count]
     num_examples = len(ds)
+    if pack:
+        mine = list(range(num_kept))[shard_index:end:shard_count]
+        order = np.random.default_rng(_mix_seed(seed)).permutation(len(mine)) if shuffle else range(len(mine))
+        rows = _pack_rows([len(tokens_all[i]) for i in mine], [mine[j] for j in order], seq_len)
+        ds = grain.MapDataset.source(_PackedRows(tokens_all, masks_all, rows, seq_len, pad_id))
     if shuffle:
         ds = ds.shuffle(seed=_mix_seed(seed))
     ds = ds.repeat(num_epochs)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    num_rows = len(rows) if pack else num_examples
     if num_epochs is not None and len(ds) == 0:
-        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples * num_epochs} "
-                         f"examples this shard yields over num_epochs={num_epochs}")
+        raise ValueError(f"batch_size={batch_size} exceeds the {num_rows * num_epochs} "
+                         f"rows this shard yields over num_epochs={num_epochs}")
 
     stats = DatasetStats(num_input=num_input, num_overlong=len(overlong_ids),
                          num_examples=num_examples,
-                         batches_per_epoch=num_examples // batch_size)
+                         batches_per_epoch=num_rows // batch_size, num_rows=num_rows)
     fingerprint = {"num_examples": num_examples, "seq_len": seq_len, "batch_size": batch_size,
                    "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "overlong": overlong,
                    "shard_index": shard_index, "shard_count": shard_count}
+    if pack:  # only when set, so the state of an unpacked run saved before packing existed still loads
+        fingerprint["pack"] = True
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return TokenDataset(ds, stats, fingerprint, read_options, num_epochs)

@@ -76,7 +76,9 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxH: Array, positions_BxT: Array, cache: KVCache | None = None):
+    def __call__(self, x_BxTxH: Array, positions_BxT: Array, cache: KVCache | None = None,
+                 segment_ids_BxT: Array | None = None):
+        """``segment_ids`` (no cache only): packed rows, a query sees keys of its own segment only."""
         cfg = self.config
         h, n, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = jnp.dtype(cfg.dtype)
@@ -96,6 +98,8 @@ class Attention(nn.Module):
         if cache is None:
             keys, values, key_pos = k, v, positions_BxT  # [B,T,Nkv,D], [B,T]
             new_cache = None
+        elif segment_ids_BxT is not None:
+            raise ValueError("segment_ids: packed rows are for training forwards, not with a KV cache")
         else:
             keys = write_cache(cache["k"], k, positions_BxT)
             values = write_cache(cache["v"], v, positions_BxT)
@@ -107,6 +111,8 @@ class Attention(nn.Module):
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(dt),
                             preferred_element_type=jnp.float32) * (d ** -0.5)
         visible = key_pos[:, None, :] <= positions_BxT[:, :, None]  # [B, T, S]
+        if segment_ids_BxT is not None:
+            visible &= segment_ids_BxT[:, None, :] == segment_ids_BxT[:, :, None]
         scores = jnp.where(visible[:, None, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(dt)).reshape(b, t, n, d)
@@ -136,10 +142,11 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxH: Array, positions_BxT: Array, cache: KVCache | None = None):
+    def __call__(self, x_BxTxH: Array, positions_BxT: Array, cache: KVCache | None = None,
+                 segment_ids_BxT: Array | None = None):
         cfg = self.config
         attn_out, new_cache = Attention(cfg, name="self_attn")(
-            RMSNorm(cfg, cfg.hidden_size, name="input_layernorm")(x_BxTxH), positions_BxT, cache)
+            RMSNorm(cfg, cfg.hidden_size, name="input_layernorm")(x_BxTxH), positions_BxT, cache, segment_ids_BxT)
         x = x_BxTxH + attn_out.astype(x_BxTxH.dtype)
         mlp_out = MLP(cfg, name="mlp")(RMSNorm(cfg, cfg.hidden_size, name="post_attention_layernorm")(x))
         return x + mlp_out.astype(x.dtype), new_cache

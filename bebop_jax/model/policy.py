@@ -99,12 +99,17 @@ class Policy(nn.Module):
         w = maybe_stop(self.lm_head, frozen).astype(dt)
         return jnp.einsum("bth,hv->btv", normed_BxTxH.astype(dt), w, preferred_element_type=jnp.float32)
 
-    def trunk(self, tokens_BxT: Array, positions_BxT: Array, caches: list[KVCache] | None = None):
-        """Trunk forward -> (hidden [B,T,H] before the final norm, logits [B,T,V], new caches)."""
+    def trunk(self, tokens_BxT: Array, positions_BxT: Array, caches: list[KVCache] | None = None,
+              segment_ids_BxT: Array | None = None):
+        """Trunk forward -> (hidden [B,T,H] before the final norm, logits [B,T,V], new caches).
+
+        ``segment_ids`` marks packed examples (no caches): attention stays inside a
+        segment, and ``positions`` restart at 0 in each one.
+        """
         x = self.embed(tokens_BxT)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions_BxT, None if caches is None else caches[i])
+            x, c = layer(x, positions_BxT, None if caches is None else caches[i], segment_ids_BxT)
             new_caches.append(c)
         logits = self.head(self.norm(x))
         return x, logits, (None if caches is None else new_caches)

@@ -45,7 +45,7 @@ def run_training(state: Any, step_fn: Callable, dataset: TokenDataset, *, num_st
     model shape is refused with a message naming the differing fields.
     """
     iterator = iter(dataset)
-    shard = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
+    shard = batch_sharding(mesh)
     start, resumed = 0, None
     with Checkpointer(ckpt_dir, keep=2, save_interval_steps=ckpt_every) as ckpt:
         restored = ckpt.restore_latest(abstract_like(state), config=config, config_keys=config_keys)
@@ -70,7 +70,8 @@ def run_training(state: Any, step_fn: Callable, dataset: TokenDataset, *, num_st
         with Progress(num_steps - start, desc, unit="step") as bar:
             for step in range(start, num_steps):
                 # each host feeds its own shard of the global batch (one host: a plain device_put)
-                batch = jax.make_array_from_process_local_data(shard, next(iterator))
+                host_batch = next(iterator)
+                batch = {k: jax.make_array_from_process_local_data(shard, v) for k, v in host_batch.items()}
                 state, metrics = step_fn(state, batch)
                 postfix = {}
                 if pending is not None and (pending[0] % log_every == 0 or pending[0] == num_steps):

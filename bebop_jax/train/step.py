@@ -3,6 +3,10 @@
 Batches are ``{"tokens": int32 [B,T], "loss_mask": float32 [B,T]}`` where
 ``loss_mask[b, t]`` weights the prediction OF token t (0 on prompts, padding
 and environment turns; any non-negative weight otherwise, e.g. RL weights).
+Packed batches (``make_dataset(..., pack=True)``, trunk_only mode) add
+``positions`` and ``segment_ids`` (int32 [B,T]): several examples share a row,
+each attending only to itself; a segment's first token has loss_mask 0, so no
+prediction crosses a boundary.
 
 Modes (``MTPConfig.mode``):
 - ``mtp_only``: the trunk, embedding and LM head are frozen. They live in
@@ -133,8 +137,9 @@ def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelC
     params = merge_params(trainable, frozen)
     if mtp_config.mode == "trunk_only":
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        _, logits, _ = Policy(model_config).apply({"params": params}, tokens, positions, method=Policy.trunk)
+        positions = batch.get("positions", jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        _, logits, _ = Policy(model_config).apply({"params": params}, tokens, positions, None,
+                                                  batch.get("segment_ids"), method=Policy.trunk)
         ce = next_token_ce(logits, tokens, loss_mask)
         return ce, {"trunk/ce": ce, "loss": ce}
     freeze = mtp_config.mode == "mtp_only"
@@ -171,11 +176,23 @@ def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, mt
     return new_state, metrics
 
 
-def validate_batch(batch: Batch, model_config: ModelConfig, mesh: Mesh | None = None) -> None:
+PACKED_KEYS = ("positions", "segment_ids")
+
+
+def validate_batch(batch: Batch, model_config: ModelConfig, mesh: Mesh | None = None,
+                   mtp_config: MTPConfig | None = None) -> None:
     """Shape and dtype checks on a host batch, before anything is compiled."""
-    if set(batch) != {"tokens", "loss_mask"}:
-        raise ValueError(f"batch: expected keys {{'tokens', 'loss_mask'}}, got {sorted(batch)}")
+    if set(batch) not in ({"tokens", "loss_mask"}, {"tokens", "loss_mask", *PACKED_KEYS}):
+        raise ValueError(f"batch: expected keys {{'tokens', 'loss_mask'}} (plus {set(PACKED_KEYS)} when packed), "
+                         f"got {sorted(batch)}")
+    if "segment_ids" in batch and mtp_config is not None and mtp_config.mode != "trunk_only":
+        raise ValueError(f"batch: packed batches (segment_ids) are supported in mode 'trunk_only' only, "
+                         f"not {mtp_config.mode!r}: the MTP targets would cross example boundaries")
     tokens, mask = batch["tokens"], batch["loss_mask"]
+    for key in PACKED_KEYS:
+        if key in batch and tuple(batch[key].shape) != tuple(tokens.shape):
+            raise ValueError(f"batch[{key!r}]: shape {tuple(batch[key].shape)} does not match "
+                             f"tokens {tuple(tokens.shape)}")
     if tokens.ndim != 2:
         raise ValueError(f"batch['tokens']: expected shape [B, T], got {tuple(tokens.shape)}")
     if tuple(mask.shape) != tuple(tokens.shape):
@@ -203,15 +220,15 @@ def make_train_step(model_config: ModelConfig, mtp_config: MTPConfig,
     fsdp; metrics come back replicated.
     """
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
     step = functools.partial(train_step, model_config=model_config, mtp_config=mtp_config,
                              optimizer=optimizer)
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+    # one sharding for every batch array (a pytree prefix): rows split over data x fsdp
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                      out_shardings=(state_shardings, NamedSharding(mesh, P())),
                      donate_argnums=(0,))
 
     def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        validate_batch(batch, model_config, mesh)
+        validate_batch(batch, model_config, mesh, mtp_config)
         return jitted(state, batch)
 
     run.jitted = jitted  # for .lower(...).compile() / memory_analysis()
