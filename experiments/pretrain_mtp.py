@@ -9,7 +9,11 @@
 2. Self-distillation data: the base's own responses to task prompts, sampled at
    the rollout temperature (what the MTP heads will have to predict in RL).
 3. MTP heads trained with each loss (--loss ce|kl|tv|e2e_tv|all) from the same
-   initialisation on the same data, trunk frozen.
+   initialisation on the same data, trunk frozen. The initialisation is a short
+   shared CE warm start (--warm_start_steps; 0 = fresh heads): real models ship
+   MTP heads pretrained with CE, and pre-RL MTP training starts from those. The
+   TV losses need it: their gradient vanishes on tokens a fresh head gives ~0
+   probability, so from scratch they learn slowly what CE learns fast.
 4. Evaluation on held-out prompts: teacher-forced acceptance on base rollouts,
    and real speculative decoding (greedy and rejection verification at each
    temperature): per-depth acceptance, mean accepted drafts, tokens per forward.
@@ -65,9 +69,11 @@ class MTPArgs:
     eval_temperatures: tuple[float, ...] = (0.6, 1.0)
     num_draft: int = 3                   # K at evaluation (<= the model's num_mtp_depths)
     max_new_tokens: int = 96
+    warm_start_steps: int = 60           # shared CE steps before the per-loss training (0: fresh heads)
     batch_size_decode: int = 64
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=10, decay_steps=150)
-    train: TrainConfig = TrainConfig(batch_size=32, seq_len=128, num_steps=150, log_every=20, ckpt_every=50)
+    # decay_steps is set per phase (warm start, each loss) to that phase's number of steps
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=6e-3, warmup_steps=10, decay_steps=90)
+    train: TrainConfig = TrainConfig(batch_size=32, seq_len=128, num_steps=90, log_every=10, ckpt_every=30)
     mesh: MeshConfig = MeshConfig()
     base: BaseArgs = BaseArgs()          # how to train a base when none is given
 
@@ -79,6 +85,8 @@ class MTPArgs:
             raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
         if self.base_dir and self.hf_checkpoint:
             raise ValueError("base_dir and hf_checkpoint: give at most one")
+        if self.warm_start_steps < 0:
+            raise ValueError(f"warm_start_steps: must be >= 0, got {self.warm_start_steps}")
         if any(t <= 0 for t in self.eval_temperatures) or self.rollout_temperature <= 0:
             raise ValueError("eval_temperatures / rollout_temperature: must be > 0")
 
@@ -129,27 +137,29 @@ def distillation_rollouts(args: MTPArgs, params, model_config, tokenizer, tasks,
     return data
 
 
-def train_mtp(args: MTPArgs, loss: str, base_params, model_config, dataset, mesh, run_dir, logger):
-    """Fresh MTP heads (same init for every loss) trained with ``loss`` on the frozen base."""
-    fresh_heads = init_mtp_params(model_config, jax.random.key(args.train.seed + 7), mesh)
+def train_mtp(args: MTPArgs, loss: str, heads, base_params, model_config, dataset, mesh, run_dir, logger, *,
+              name: str, num_steps: int, export: bool = True):
+    """MTP heads ``heads`` trained ``num_steps`` steps with ``loss`` on the frozen base; saved to RUN_DIR/name."""
     trunk, _ = split_params(base_params, "trunk_only")
-    # The train step donates its state, frozen trunk included: give it a copy so the
-    # base stays usable for the next loss.
-    params = merge_params(fresh_heads, jax.tree.map(jnp.copy, trunk))
+    # The train step donates its state, frozen trunk included: give it copies so the
+    # base and the starting heads stay usable for the next loss.
+    params = merge_params(jax.tree.map(jnp.copy, heads), jax.tree.map(jnp.copy, trunk))
     mtp = MTPConfig(loss=loss, mode="mtp_only", temperature=args.rollout_temperature)
-    optimizer = make_optimizer(args.optimizer)
+    opt_config = dataclasses.replace(args.optimizer, decay_steps=num_steps,
+                                     warmup_steps=min(args.optimizer.warmup_steps, num_steps))
+    optimizer = make_optimizer(opt_config)
     state = init_train_state(params, mtp, optimizer, mesh)
     step_fn = make_train_step(model_config, mtp, optimizer, state, mesh)
-    cfg = {"loss": loss, "mtp": config_dict(mtp), "optimizer": config_dict(args.optimizer),
-           "train": config_dict(args.train), "model": config_dict(model_config)}
-    result = run_training(state, step_fn, dataset, num_steps=args.train.num_steps, mesh=mesh,
-                          ckpt_dir=str(run_dir / f"mtp_{loss}" / "checkpoints"), ckpt_every=args.train.ckpt_every,
-                          logger=logger, config=cfg, log_every=args.train.log_every, desc=f"mtp[{loss}]",
-                          tb_prefix=f"mtp_{loss}")
+    cfg = {"loss": loss, "mtp": config_dict(mtp), "optimizer": config_dict(opt_config),
+           "train": config_dict(args.train), "model": config_dict(model_config), "num_steps": num_steps,
+           "warm_start_steps": args.warm_start_steps}
+    result = run_training(state, step_fn, dataset, num_steps=num_steps, mesh=mesh,
+                          ckpt_dir=str(run_dir / name / "checkpoints"), ckpt_every=args.train.ckpt_every,
+                          logger=logger, config=cfg, log_every=args.train.log_every, desc=name, tb_prefix=name)
     params = result.state.all_params
-    save_policy(run_dir / f"mtp_{loss}" / "policy", model_config, params)
-    if args.hf_checkpoint:  # a real model: also hand back HF safetensors with the mtp.* heads
-        export_hf_checkpoint(model_config, params, run_dir / f"mtp_{loss}" / "hf", overwrite=True)
+    save_policy(run_dir / name / "policy", model_config, params)
+    if args.hf_checkpoint and export:  # a real model: also hand back HF safetensors with the mtp.* heads
+        export_hf_checkpoint(model_config, params, run_dir / name / "hf", overwrite=True)
     return params
 
 
@@ -199,10 +209,22 @@ def pretrain_mtp(args: MTPArgs) -> dict:
                                      seed=seed, shuffle=False, num_epochs=1, drop_remainder=False, overlong="truncate",
                                      vocab_size=model_config.vocab_size))
 
-    acceptance, teacher_forced, entropy = {}, {}, {}
+    acceptance, teacher_forced, entropy, warm = {}, {}, {}, None
     with MetricLogger(run_dir) as logger:
+        heads = init_mtp_params(model_config, jax.random.key(seed + 7), mesh)
+        if args.warm_start_steps:
+            # Its own data order, so the per-loss phases below do not replay its batches.
+            warm_data = make_dataset(corpus, args.train.seq_len, args.train.batch_size, seed=seed + 1,
+                                     overlong="truncate", vocab_size=model_config.vocab_size)
+            params = train_mtp(args, "ce", heads, base_params, model_config, warm_data, mesh, run_dir, logger,
+                               name="warm_start_ce", num_steps=args.warm_start_steps, export=False)
+            heads = split_params(params, "mtp_only")[0]
+            warm = {"steps": args.warm_start_steps,
+                    "teacher_forced": {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t)
+                                       for t in args.eval_temperatures}}
         for loss in args.losses:
-            params = train_mtp(args, loss, base_params, model_config, dataset, mesh, run_dir, logger)
+            params = train_mtp(args, loss, heads, base_params, model_config, dataset, mesh, run_dir, logger,
+                               name=f"mtp_{loss}", num_steps=args.train.num_steps)
             teacher_forced[loss] = {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t)
                                     for t in args.eval_temperatures}
             entropy = {t: v["entropy"] for t, v in teacher_forced[loss].items()}
@@ -216,6 +238,7 @@ def pretrain_mtp(args: MTPArgs) -> dict:
     results = {
         "acceptance": acceptance,
         "teacher_forced": teacher_forced,
+        "warm_start": warm,
         "base": {"entropy_nats": entropy,
                  "rollout_accuracy": {t: d["accuracy"] for t, d in train_ro.items()},
                  "held_out_accuracy": {t: d["accuracy"] for t, d in test_ro.items()}},
@@ -240,6 +263,11 @@ def print_summary(args: MTPArgs, results: dict) -> None:
                 title=f"MTP heads by loss: speculative decoding on held-out prompts, K={k} "
                       f"(accept rate = E[accepted]/K; TF = teacher-forced on base rollouts)",
                 float_format="{:.3f}")
+    if results["warm_start"]:
+        w = results["warm_start"]
+        print(f"shared CE warm start ({w['steps']} steps) before each loss, teacher-forced E[accepted] "
+              "(rejection): " + ", ".join(f"T={t}: {v['mean_accepted']['rejection']:.3f}"
+                                          for t, v in w["teacher_forced"].items()))
     ent = results["base"]["entropy_nats"]
     print("base mean token entropy (nats) on its own held-out responses: "
           + ", ".join(f"T={t}: {v:.3f}" for t, v in ent.items()))

@@ -80,13 +80,14 @@ def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
     args = ["--run_dir", str(run), "--loss", "all", "--distill-prompts", "32", "--eval-prompts", "16",
             "--eval-temperatures", "1.0", "--num-draft", "2", "--max-new-tokens", "24", "--batch-size-decode", "16",
             "--train.num-steps", "2", "--train.batch-size", "8", "--train.seq-len", "96",
-            "--optimizer.warmup-steps", "1", "--optimizer.decay-steps", "10",
+            "--optimizer.warmup-steps", "1", "--optimizer.decay-steps", "10", "--warm-start-steps", "2",
             *[a.replace("--", "--base.", 1) if a.startswith("--") else a for a in TINY_BASE],
             "--base.train.num-steps", "4", "--base.eval-examples", "0"]
     out = _run("pretrain_mtp.py", args)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert sorted(results["acceptance"]) == ["ce", "e2e_tv", "kl", "tv"]
+    assert results["warm_start"]["steps"] == 2 and (run / "warm_start_ce" / "policy").is_dir()
     for method in ("greedy", "rejection"):
         r = results["acceptance"]["e2e_tv"][method]["1.0"]
         assert len(r["per_depth"]) == 2
