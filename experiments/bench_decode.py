@@ -3,7 +3,7 @@
     python experiments/bench_decode.py --quick                 # reduced grid, random init
     python experiments/bench_decode.py                         # K=1..4, batch 1/32, T=0/0.6/1.0
     python experiments/bench_decode.py --adversarial --quick   # spec overhead when nothing is accepted
-    python experiments/bench_decode.py --params runs/pretrain_mtp/mtp_e2e_tv/policy
+    python experiments/bench_decode.py --params runs/pretrain_mtp/mtp_e2e_tv/policy --task arithmetic
 
 One table: tokens/s of ``generate`` for method none / greedy / rejection at each
 K, batch size and temperature, with the speedup over ``none`` measured in the same
@@ -39,10 +39,23 @@ whose thread hand-off dominates at batch 1: a (K+1)-token verify forward then co
 which also made vanilla decoding ~2x faster on a 2-core machine). Set that flag
 in the environment to measure single-threaded matmuls; the default is XLA's.
 
+With trained heads (``--params``) or ``--agreeing_heads`` the same rounds also time
+every spec configuration on the adversarial rewrite of the same model, which gives
+the cost of one speculative step (K drafts + one K+1-token verify + rejection
+sampling) in units of one vanilla step, ``cost``, independently of acceptance. The
+table then shows the issue's ideal speedup ``(mean accepted + 1) / cost`` and the
+achieved fraction of it (``of_ideal``), which is what the implementation loses to
+row divergence in a batch, EOS-free tails and bookkeeping.
+
 ``--agreeing_heads`` (a synthetic upper range, also value-only): the trunk's layer
 outputs are scaled down (a near-Markov chain on the current token) and each MTP
 module passes the token embedding through, so drafts nearly equal the target and
 acceptance is high: what the decoder gains when the heads are good.
+
+``--task NAME`` takes held-out prompts of that task (byte tokenizer) instead of random
+tokens, and stops rows at EOS, as a rollout does: what trained heads should be
+measured on. Rows then end at different lengths, so speedups are ratios of tokens
+per second, and the step cost is a ratio of seconds per token.
 
 Writes RUN_DIR/results.json.
 """
@@ -63,8 +76,11 @@ import numpy as np  # noqa: E402
 
 from bebop_jax.config import ModelConfig, SpecConfig  # noqa: E402
 from bebop_jax.model import init_params, load_hf_checkpoint, params_io  # noqa: E402
+from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from bebop_jax.rollout import encode_prompts  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
 from bebop_jax.spec import generate  # noqa: E402
+from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
 from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
 from bebop_jax.train.metrics_log import print_table, write_results_json  # noqa: E402
 
@@ -76,6 +92,7 @@ SPEC_METHODS = ("greedy", "rejection")
 class BenchArgs:
     run_dir: str = "runs/bench_decode"
     params: str | None = None            # a policy checkpoint (see load_policy); None: random init
+    task: str | None = None              # held-out prompts of this task (stop at EOS); None: random tokens
     quick: bool = False                  # reduced grid: K in (1, 3), T in (0.0, 1.0)
     adversarial: bool = False            # drafts never accepted: the spec path's overhead
     agreeing_heads: bool = False         # synthetic high acceptance (value-only rewrite)
@@ -104,6 +121,8 @@ class BenchArgs:
             raise ValueError(f"methods must be a non-empty subset of {SPEC_METHODS}, got {self.methods!r}")
         if self.adversarial and self.agreeing_heads:
             raise ValueError("adversarial and agreeing_heads: choose at most one")
+        if self.task is not None and self.task not in list_tasks():
+            raise ValueError(f"task: unknown {self.task!r}; valid: {list_tasks()}")
 
     def grid(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """(num_drafts, temperatures) after --quick."""
@@ -191,9 +210,22 @@ def agreeing_params(cfg: ModelConfig, params, scale: float = 0.03) -> dict:
 # ----------------------------------------------------------------------------- timing
 
 
-def _run(params, cfg, prompts, lens, key, max_new, sampling_cfg, spec):
+def task_prompts(name: str, batch: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(prompts [B, P] right-padded, lengths [B], eos id): held-out prompts of task ``name``."""
+    tokenizer = load_tokenizer("byte")
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"--task needs the byte tokenizer's {tokenizer.vocab_size} ids; the model has {vocab_size}")
+    ids = encode_prompts(tokenizer, [e.prompt for e in get_task(name).examples("test", batch, seed=0)])
+    prompts = np.zeros((batch, max(len(i) for i in ids)), np.int32)
+    for row, i in zip(prompts, ids):
+        row[:len(i)] = i
+    return prompts, np.array([len(i) for i in ids], np.int32), tokenizer.eos_id
+
+
+def _run(params, cfg, prompts, lens, key, max_new, sampling_cfg, spec, eos_id=None):
     wall, cpu = time.perf_counter(), time.process_time()
-    res = generate(params, cfg, prompts, lens, key, max_new_tokens=max_new, sampling=sampling_cfg, spec=spec)
+    res = generate(params, cfg, prompts, lens, key, max_new_tokens=max_new, sampling=sampling_cfg, spec=spec,
+                   eos_id=eos_id)
     return time.perf_counter() - wall, time.process_time() - cpu, res
 
 
@@ -205,12 +237,16 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
         cfg = ModelConfig.small(num_mtp_depths=max(args.num_drafts))
         params = init_params(cfg, jax.random.key(args.seed))
         source = "RANDOM INIT ModelConfig.small"
+    cost_params = None  # the same shapes with drafts never accepted: a speculative step's cost
     if args.adversarial:
         params = adversarial_params(cfg, params)
         source += " + adversarial rewrite (drafts never accepted)"
-    elif args.agreeing_heads:
-        params = agreeing_params(cfg, params)
-        source += " + agreeing-heads rewrite (synthetic high acceptance)"
+    else:
+        if args.params or args.agreeing_heads:
+            cost_params = jax.device_put(adversarial_params(cfg, params))
+        if args.agreeing_heads:
+            params = agreeing_params(cfg, params)
+            source += " + agreeing-heads rewrite (synthetic high acceptance)"
     params = jax.device_put(params)
     ks, temps = args.grid()
     skipped = [k for k in ks if k > cfg.num_mtp_depths]
@@ -234,47 +270,62 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
     rng = np.random.default_rng(args.seed)
     rows = []
     for batch in args.batch_sizes:
-        # Prompts avoid token 0 (the adversarial mode's draft token); full length, no EOS:
-        # every row generates max_new_tokens, so all methods do the same useful work.
-        prompts = rng.integers(1, cfg.vocab_size, (batch, args.prompt_len)).astype(np.int32)
-        lens = np.full((batch,), args.prompt_len, np.int32)
+        if args.task:
+            prompts, lens, eos_id = task_prompts(args.task, batch, cfg.vocab_size)
+        else:
+            # Prompts avoid token 0 (the adversarial mode's draft token); full length, no EOS:
+            # every row generates max_new_tokens, so all methods do the same useful work.
+            prompts = rng.integers(1, cfg.vocab_size, (batch, args.prompt_len)).astype(np.int32)
+            lens, eos_id = np.full((batch,), args.prompt_len, np.int32), None
         for temp in temps:
             sampling_cfg = SamplingConfig(temperature=float(temp))
             specs = [SpecConfig("none")] + [SpecConfig(m, k) for m in args.methods for k in ks]
             key = jax.random.key(args.seed + 1)
             t_compile = time.perf_counter()
-            last = {}
-            for spec in specs:  # compile + warm up
-                last[spec] = _run(params, cfg, prompts, lens, key, args.max_new_tokens, sampling_cfg, spec)[2]
+            # (params, spec) pairs timed in each round; "cost" runs use the adversarial rewrite
+            runs = [("model", s) for s in specs]
+            if cost_params is not None:
+                runs += [("cost", s) for s in specs[1:]]
+            by_name = {"model": params, "cost": cost_params}
+            for name, spec in runs:  # compile + warm up
+                _run(by_name[name], cfg, prompts, lens, key, args.max_new_tokens, sampling_cfg, spec, eos_id)
             log(f"batch={batch} T={temp}: compiled {len(specs)} configs in {time.perf_counter() - t_compile:.0f}s")
-            times = {spec: [] for spec in specs}
+            times = {run: [] for run in runs}
             for r in range(args.repeats):
-                for spec in specs:
-                    wall, cpu, res = _run(params, cfg, prompts, lens, jax.random.fold_in(key, r),
-                                          args.max_new_tokens, sampling_cfg, spec)
-                    times[spec].append((wall, cpu, res.stats))
-            base_wall = float(np.median([t[0] for t in times[specs[0]]]))
+                for name, spec in runs:
+                    wall, cpu, res = _run(by_name[name], cfg, prompts, lens, jax.random.fold_in(key, r),
+                                          args.max_new_tokens, sampling_cfg, spec, eos_id)
+                    n = res.stats["tokens_generated"]
+                    times[name, spec].append((wall / n, cpu / n, res.stats))  # per emitted token
+            cost_of = {spec: float(np.median([t[0] for t in times["cost", spec]])) for n, spec in runs if n == "cost"}
+            times = {spec: times["model", spec] for spec in specs}
+            base_wall = float(np.median([t[0] for t in times[specs[0]]]))  # seconds per token
             base_cpu = float(np.median([t[1] for t in times[specs[0]]]))
             for spec in specs:
                 walls = [t[0] for t in times[spec]]
                 cpus = [t[1] for t in times[spec]]
                 stats = [t[2] for t in times[spec]]
                 wall, cpu = float(np.median(walls)), float(np.median(cpus))
-                tokens = stats[0]["tokens_generated"]
+                tokens = int(np.median([st["tokens_generated"] for st in stats]))
                 k = 0 if spec.method == "none" else spec.num_draft
                 per_depth = np.mean([s["per_depth_acceptance"] for s in stats], axis=0).tolist() if k else []
                 row = {
                     "batch": batch, "temperature": float(temp), "method": spec.method, "K": k,
-                    "tok/s": tokens / wall,
-                    "speedup": base_wall / wall,          # same tokens: wall-time ratio
+                    "tok/s": 1.0 / wall,
+                    "speedup": base_wall / wall,          # ratio of wall time per emitted token
                     "cpu_speedup": base_cpu / cpu,
                     "overhead": wall / base_wall - 1.0,   # extra wall time per emitted token vs none
                     "mean_acc": float(np.mean([s["mean_accepted"] for s in stats])) if k else None,
                     "tok/fwd": float(np.mean([s["tokens_per_forward"] for s in stats])),
                     "per_depth": " ".join(f"{a:.2f}" for a in per_depth) if k else "",
                     "per_depth_acceptance": per_depth,
-                    "wall_s": wall, "cpu_s": cpu, "wall_s_all": walls, "tokens": tokens,
+                    "wall_s_per_token": wall, "cpu_s_per_token": cpu, "wall_s_per_token_all": walls,
+                    "tokens": tokens,
                 }
+                if spec in cost_of:  # adversarial run: one token per step, like vanilla
+                    row["cost"] = cost_of[spec] / base_wall
+                    row["ideal"] = (row["mean_acc"] + 1.0) / row["cost"]
+                    row["of_ideal"] = row["speedup"] / row["ideal"]
                 rows.append(row)
     return {"config": config_dict(args), "model_config": dataclasses.asdict(cfg), "source": source,
             "rows": rows, "devices": [str(d) for d in jax.devices()],
@@ -286,13 +337,17 @@ def main(args: BenchArgs) -> dict:
     results = run_benchmark(args)
     cols = ["batch", "temperature", "method", "K", "tok/s", "speedup", "cpu_speedup", "mean_acc", "per_depth",
             "tok/fwd"]
+    if any("ideal" in row for row in results["rows"]):
+        cols += ["cost", "ideal", "of_ideal"]
     if args.adversarial:
         cols = ["batch", "temperature", "method", "K", "tok/s", "overhead", "within_target", "mean_acc", "tok/fwd"]
         for row in results["rows"]:
             row["within_target"] = None if row["method"] == "none" else bool(row["overhead"] <= OVERHEAD_TARGET)
     print_table(results["rows"], cols,
-                title=(f"generate on {results['source']}: prompt {args.prompt_len}, {args.max_new_tokens} new "
-                       f"tokens/row, median of {args.repeats} interleaved rounds "
+                title=(f"generate on {results['source']}: "
+                       + (f"held-out {args.task} prompts, up to {args.max_new_tokens} new tokens/row (EOS stops)"
+                          if args.task else f"prompt {args.prompt_len}, {args.max_new_tokens} new tokens/row")
+                       + f", median of {args.repeats} interleaved rounds "
                        f"(speedup/overhead vs none at the same batch and temperature)"),
                 float_format="{:.3g}")
     write_results_json(args.run_dir, results)
