@@ -44,8 +44,8 @@ every spec configuration on the adversarial rewrite of the same model, which giv
 the cost of one speculative step (K drafts + one K+1-token verify + rejection
 sampling) in units of one vanilla step, ``cost``, independently of acceptance. The
 table then shows the issue's ideal speedup ``(mean accepted + 1) / cost`` and the
-achieved fraction of it (``of_ideal``), which is what the implementation loses to
-row divergence in a batch, EOS-free tails and bookkeeping.
+achieved fraction of it (``of_ideal``): what is lost to rows idling in a batch after
+their EOS, the prefill's share of short responses, and bookkeeping.
 
 ``--agreeing_heads`` (a synthetic upper range, also value-only): the trunk's layer
 outputs are scaled down (a near-Markov chain on the current token) and each MTP
