@@ -110,6 +110,17 @@ def test_pretrain_mtp_bad_input_one_error_line(tmp_path, args, needle):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--task", "no_such_task"], "no_such_task"),
+    (["--adversarial", "--agreeing-heads"], "agreeing_heads"),
+])
+def test_bench_decode_bad_input_one_error_line(tmp_path, args, needle):
+    out = _run("bench_decode.py", ["--run_dir", str(tmp_path / "r"), *args])
+    assert out.returncode != 0
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
