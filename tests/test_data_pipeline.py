@@ -139,6 +139,24 @@ def test_packing_keeps_every_example_whole_once_per_epoch():
     assert ds.stats.num_rows < 40 / 1.5  # rows hold ~3 examples of mean length 7.5 in 24 slots
 
 
+def test_packing_per_host_shards_covers_every_example_once():
+    """Each host packs only its own shard, with whole examples that fit their rows."""
+    examples = _examples(41, min_len=3, max_len=12)
+    seen = []
+    for shard in range(3):
+        ds = make_dataset(examples, seq_len=24, batch_size=2, seed=1, num_epochs=1, drop_remainder=False,
+                          pad_id=PAD, pack=True, shard_index=shard, shard_count=3)
+        for b in ds:
+            for tok, seg in zip(b["tokens"], b["segment_ids"]):
+                for s_id in range(1, seg.max() + 1):
+                    where = np.nonzero(seg == s_id)[0]
+                    i = int(tok[where[0]]) - 1000
+                    assert i % 3 == shard
+                    np.testing.assert_array_equal(tok[where], examples[i][0])
+                    seen.append(i)
+    assert sorted(seen) == list(range(41))
+
+
 def test_packed_pipeline_is_deterministic_and_resumes():
     examples = _examples(50)
     make = lambda: make_dataset(examples, seq_len=20, batch_size=3, seed=5, pack=True, shard_index=0,

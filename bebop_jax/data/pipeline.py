@@ -95,7 +95,7 @@ class DatasetStats:
     num_overlong: int  # longer than seq_len (dropped or truncated, per `overlong`)
     num_examples: int  # examples in this host's shard, after dropping
     batches_per_epoch: int  # of this shard (rounded down; batches may span epochs)
-    num_rows: int = 0  # rows of this shard per epoch (= num_examples unless packed)
+    num_rows: int  # rows of this shard per epoch (= num_examples unless packed)
 
 
 class _PaddedExamples:
@@ -359,9 +359,9 @@ def make_dataset(examples: Sequence[Example], seq_len: int, batch_size: int, see
     ds = ds[shard_index:end:shard_count]
     num_examples = len(ds)
     if pack:
-        mine = list(range(num_kept))[shard_index:end:shard_count]
+        mine = range(shard_index, end, shard_count)
         order = np.random.default_rng(_mix_seed(seed)).permutation(len(mine)) if shuffle else range(len(mine))
-        rows = _pack_rows([len(tokens_all[i]) for i in mine], [mine[j] for j in order], seq_len)
+        rows = _pack_rows([len(t) for t in tokens_all], [mine[j] for j in order], seq_len)
         ds = grain.MapDataset.source(_PackedRows(tokens_all, masks_all, rows, seq_len, pad_id))
     if shuffle:
         ds = ds.shuffle(seed=_mix_seed(seed))
