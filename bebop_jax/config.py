@@ -111,6 +111,11 @@ class SpecConfig:
                and self.num_draft >= 1, "SpecConfig", "num_draft",
                f"must be an int >= 1 (K), got {self.num_draft!r}")
 
+    @property
+    def drafts(self) -> int:
+        """Draft tokens per step: ``num_draft``, or 0 for vanilla decoding (method ``none``)."""
+        return 0 if self.method == "none" else self.num_draft
+
 
 LossName = Literal["ce", "kl", "tv", "e2e_tv"]
 LOSS_NAMES = ("ce", "kl", "tv", "e2e_tv")

@@ -33,6 +33,14 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[in
     return [bos_prefix(tokenizer) + tokenizer.format_prompt(p) for p in prompts]
 
 
+def pad_prompts(ids: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompts [B, length] right-padded with ``pad_id``, lengths [B]): what ``generate`` takes."""
+    arr = np.full((len(ids), length), pad_id, np.int32)
+    for i, row in enumerate(ids):
+        arr[i, :len(row)] = row
+    return arr, np.array([len(r) for r in ids], np.int32)
+
+
 def _merge_stats(all_stats: list[dict]) -> dict:
     """Combine per-batch stats into totals (acceptance weighted by verify steps)."""
     if not all_stats:
@@ -78,10 +86,7 @@ def rollout(params, model_config: ModelConfig, tokenizer: Tokenizer, prompts: Se
     for start in range(0, n, bs):
         chunk = ids[start:start + bs]
         chunk = chunk + [chunk[-1]] * (bs - len(chunk))
-        arr = np.full((bs, prompt_len), tokenizer.pad_id, np.int32)
-        for i, row in enumerate(chunk):
-            arr[i, :len(row)] = row
-        lens = np.array([len(r) for r in chunk], np.int32)
+        arr, lens = pad_prompts(chunk, prompt_len, tokenizer.pad_id)
         res = generate(params, model_config, arr, lens, jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
                        sampling=sampling, spec=spec, eos_id=tokenizer.eos_id, impl=impl)
         for i in range(min(bs, n - start)):

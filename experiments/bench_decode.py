@@ -77,7 +77,7 @@ import numpy as np  # noqa: E402
 from bebop_jax.config import ModelConfig, SpecConfig  # noqa: E402
 from bebop_jax.model import init_params, load_hf_checkpoint, params_io  # noqa: E402
 from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.rollout import encode_prompts  # noqa: E402
+from bebop_jax.rollout import encode_prompts, pad_prompts  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
 from bebop_jax.spec import generate  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
@@ -216,10 +216,7 @@ def task_prompts(name: str, batch: int, vocab_size: int) -> tuple[np.ndarray, np
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"--task needs the byte tokenizer's {tokenizer.vocab_size} ids; the model has {vocab_size}")
     ids = encode_prompts(tokenizer, [e.prompt for e in get_task(name).examples("test", batch, seed=0)])
-    prompts = np.zeros((batch, max(len(i) for i in ids)), np.int32)
-    for row, i in zip(prompts, ids):
-        row[:len(i)] = i
-    return prompts, np.array([len(i) for i in ids], np.int32), tokenizer.eos_id
+    return (*pad_prompts(ids, max(len(i) for i in ids), tokenizer.pad_id), tokenizer.eos_id)
 
 
 def _run(params, cfg, prompts, lens, key, max_new, sampling_cfg, spec, eos_id=None):
@@ -290,15 +287,16 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
             for name, spec in runs:  # compile + warm up
                 _run(by_name[name], cfg, prompts, lens, key, args.max_new_tokens, sampling_cfg, spec, eos_id)
             log(f"batch={batch} T={temp}: compiled {len(specs)} configs in {time.perf_counter() - t_compile:.0f}s")
-            times = {run: [] for run in runs}
+            per_token = {run: [] for run in runs}  # (wall s, cpu s, stats) per emitted token, each round
             for r in range(args.repeats):
                 for name, spec in runs:
                     wall, cpu, res = _run(by_name[name], cfg, prompts, lens, jax.random.fold_in(key, r),
                                           args.max_new_tokens, sampling_cfg, spec, eos_id)
                     n = res.stats["tokens_generated"]
-                    times[name, spec].append((wall / n, cpu / n, res.stats))  # per emitted token
-            cost_of = {spec: float(np.median([t[0] for t in times["cost", spec]])) for n, spec in runs if n == "cost"}
-            times = {spec: times["model", spec] for spec in specs}
+                    per_token[name, spec].append((wall / n, cpu / n, res.stats))
+            cost_of = {spec: float(np.median([t[0] for t in per_token[name, spec]]))
+                       for name, spec in runs if name == "cost"}
+            times = {spec: per_token["model", spec] for spec in specs}
             base_wall = float(np.median([t[0] for t in times[specs[0]]]))  # seconds per token
             base_cpu = float(np.median([t[1] for t in times[specs[0]]]))
             for spec in specs:
@@ -307,7 +305,7 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
                 stats = [t[2] for t in times[spec]]
                 wall, cpu = float(np.median(walls)), float(np.median(cpus))
                 tokens = int(np.median([st["tokens_generated"] for st in stats]))
-                k = 0 if spec.method == "none" else spec.num_draft
+                k = spec.drafts
                 per_depth = np.mean([s["per_depth_acceptance"] for s in stats], axis=0).tolist() if k else []
                 row = {
                     "batch": batch, "temperature": float(temp), "method": spec.method, "K": k,

@@ -210,6 +210,10 @@ def pretrain_mtp(args: MTPArgs) -> dict:
                                      vocab_size=model_config.vocab_size))
 
     acceptance, teacher_forced, entropy, warm = {}, {}, {}, None
+
+    def teacher_forced_by_temperature(params) -> dict:
+        return {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t) for t in args.eval_temperatures}
+
     with MetricLogger(run_dir) as logger:
         heads = init_mtp_params(model_config, jax.random.key(seed + 7), mesh)
         if args.warm_start_steps:
@@ -219,14 +223,11 @@ def pretrain_mtp(args: MTPArgs) -> dict:
             params = train_mtp(args, "ce", heads, base_params, model_config, warm_data, mesh, run_dir, logger,
                                name="warm_start_ce", num_steps=args.warm_start_steps, export=False)
             heads = split_params(params, "mtp_only")[0]
-            warm = {"steps": args.warm_start_steps,
-                    "teacher_forced": {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t)
-                                       for t in args.eval_temperatures}}
+            warm = {"steps": args.warm_start_steps, "teacher_forced": teacher_forced_by_temperature(params)}
         for loss in args.losses:
             params = train_mtp(args, loss, heads, base_params, model_config, dataset, mesh, run_dir, logger,
                                name=f"mtp_{loss}", num_steps=args.train.num_steps)
-            teacher_forced[loss] = {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t)
-                                    for t in args.eval_temperatures}
+            teacher_forced[loss] = teacher_forced_by_temperature(params)
             entropy = {t: v["entropy"] for t, v in teacher_forced[loss].items()}
             acceptance[loss] = evaluate_spec(args, params, model_config, tokenizer, tasks, eval_examples,
                                              jax.random.key(seed + 11))

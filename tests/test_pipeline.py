@@ -98,24 +98,15 @@ def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
     assert "E[accepted]" in out.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--loss", "bogus"], "loss"),
-    (["--tasks", "no_such_task"], "no_such_task"),
-    (["--base_dir", "/nonexistent/base"], "base_dir"),
+@pytest.mark.parametrize("script,args,needle", [
+    ("pretrain_mtp.py", ["--loss", "bogus"], "loss"),
+    ("pretrain_mtp.py", ["--tasks", "no_such_task"], "no_such_task"),
+    ("pretrain_mtp.py", ["--base_dir", "/nonexistent/base"], "base_dir"),
+    ("bench_decode.py", ["--task", "no_such_task"], "no_such_task"),
+    ("bench_decode.py", ["--adversarial", "--agreeing-heads"], "agreeing_heads"),
 ])
-def test_pretrain_mtp_bad_input_one_error_line(tmp_path, args, needle):
-    out = _run("pretrain_mtp.py", ["--run_dir", str(tmp_path / "r"), *args])
-    assert out.returncode != 0
-    assert needle in out.stderr
-    assert "Traceback" not in out.stderr
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["--task", "no_such_task"], "no_such_task"),
-    (["--adversarial", "--agreeing-heads"], "agreeing_heads"),
-])
-def test_bench_decode_bad_input_one_error_line(tmp_path, args, needle):
-    out = _run("bench_decode.py", ["--run_dir", str(tmp_path / "r"), *args])
+def test_bad_input_one_error_line(tmp_path, script, args, needle):
+    out = _run(script, ["--run_dir", str(tmp_path / "r"), *args])
     assert out.returncode != 0
     assert needle in out.stderr
     assert "Traceback" not in out.stderr

@@ -199,7 +199,7 @@ def _generate_impl(params, prompts, prompt_lens, key, *, model_config: ModelConf
                    sampling_cfg: SamplingConfig, spec: SpecConfig, eos_id: int | None, cache_len: int,
                    impl: str):
     model = _Model(params, model_config)
-    k_draft = 0 if spec.method == "none" else spec.num_draft
+    k_draft = spec.drafts
     state = _init_state(model_config, prompts.shape[0], cache_len, k_draft, jnp.dtype(model_config.dtype))
     state, pending = _prefill(model, state, prompts, prompt_lens, jax.random.fold_in(key, 0), sampling_cfg, k_draft)
     return _decode(model, state, pending, key, max_new_tokens=max_new_tokens, sampling_cfg=sampling_cfg, spec=spec,
@@ -211,7 +211,7 @@ def _continue_impl(params, state: DecodeState, new_tokens, new_lens, key, *, mod
                    impl: str):
     """Feed [pending token] + ``new_tokens`` (an environment turn) onto ``state``, then decode."""
     model = _Model(params, model_config)
-    k_draft = 0 if spec.method == "none" else spec.num_draft
+    k_draft = spec.drafts
     pending = _gather_rows(state.seq, state.length[:, None])
     tokens = jnp.concatenate([pending, new_tokens], axis=1)
     state, pending = _prefill(model, state, tokens, new_lens + 1, jax.random.fold_in(key, 0), sampling_cfg, k_draft)
@@ -223,7 +223,7 @@ def _decode(model: _Model, state: DecodeState, pending: Array, key: Array, *, ma
             sampling_cfg: SamplingConfig, spec: SpecConfig, eos_id: int | None, impl: str):
     """The on-device loop after a prefill: emit ``pending``, then draft / verify / accept until done."""
     b = pending.shape[0]
-    k_draft = 0 if spec.method == "none" else spec.num_draft
+    k_draft = spec.drafts
     out = jnp.full((b, max_new_tokens + k_draft + 1), -1, jnp.int32)
     out, n_gen, done, _ = _emit(out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), pending[:, None],
                                 jnp.ones((b,), jnp.int32), eos_id, max_new_tokens)
@@ -290,11 +290,25 @@ def _decode(model: _Model, state: DecodeState, pending: Array, key: Array, *, ma
 _JIT_CACHE: dict = {}
 
 
-def validate_generate_args(model_config: ModelConfig, prompts, prompt_lens, max_new_tokens: int,
-                           spec: SpecConfig, cache_len: int | None) -> int:
-    """Checks every argument on host values; returns the cache length. Raises ValueError naming the argument."""
+def _check_configs(sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int) -> None:
+    """The checks ``generate`` and ``continue_generate`` share."""
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     if not isinstance(spec, SpecConfig):
         raise ValueError(f"spec must be a SpecConfig, got {type(spec).__name__}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
+def _check_ids(name: str, ids: np.ndarray, model_config: ModelConfig) -> None:
+    if np.any((ids < 0) | (ids >= model_config.vocab_size)):
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={model_config.vocab_size})")
+
+
+def validate_generate_args(model_config: ModelConfig, prompts, prompt_lens, max_new_tokens: int,
+                           spec: SpecConfig, cache_len: int | None) -> int:
+    """Checks the prompts and the cache on host values (after ``_check_configs``); returns the
+    cache length. Raises ValueError naming the argument."""
     if spec.method != "none" and spec.num_draft > model_config.num_mtp_depths:
         raise ValueError(f"spec.num_draft={spec.num_draft} exceeds the model's "
                          f"num_mtp_depths={model_config.num_mtp_depths}")
@@ -308,11 +322,8 @@ def validate_generate_args(model_config: ModelConfig, prompts, prompt_lens, max_
         raise ValueError(f"prompt_lens: empty prompts are not allowed (rows {np.nonzero(prompt_lens < 1)[0].tolist()})")
     if np.any(prompt_lens > prompts.shape[1]):
         raise ValueError(f"prompt_lens: values exceed the padded prompt length {prompts.shape[1]}")
-    if np.any((prompts < 0) | (prompts >= model_config.vocab_size)):
-        raise ValueError(f"prompts: token ids must lie in [0, vocab_size={model_config.vocab_size})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    k = 0 if spec.method == "none" else spec.num_draft
+    _check_ids("prompts", prompts, model_config)
+    k = spec.drafts
     needed = prompts.shape[1] + max_new_tokens + k + 1
     if cache_len is None:
         cache_len = needed
@@ -337,8 +348,7 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
     per-depth conditional acceptance, mean accepted drafts per verify step,
     target forwards, and tokens per second (compile excluded).
     """
-    if not isinstance(sampling, SamplingConfig):
-        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    _check_configs(sampling, spec, max_new_tokens)
     prompts_np = np.asarray(prompts)
     lens_np = np.asarray(prompt_lens)
     cache_len = validate_generate_args(model_config, prompts_np, lens_np, max_new_tokens, spec, cache_len)
@@ -367,14 +377,11 @@ def continue_generate(params, model_config: ModelConfig, state: DecodeState, new
     only the newly generated tokens. ``state`` is donated (its caches are updated in
     place on accelerators): use the returned state, not the one passed in.
     """
-    if not isinstance(sampling, SamplingConfig):
-        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    _check_configs(sampling, spec, max_new_tokens)
     if not isinstance(state, DecodeState):
         raise ValueError(f"state must be the DecodeState of generate(..., return_state=True), "
                          f"got {type(state).__name__}")
-    if not isinstance(spec, SpecConfig):
-        raise ValueError(f"spec must be a SpecConfig, got {type(spec).__name__}")
-    k = 0 if spec.method == "none" else spec.num_draft
+    k = spec.drafts
     if len(state.mtp_cache) != k:
         raise ValueError(f"spec: the state was made with num_draft={len(state.mtp_cache)} (0 = method 'none'); "
                          f"continue with the same, got num_draft={k}")
@@ -383,13 +390,10 @@ def continue_generate(params, model_config: ModelConfig, state: DecodeState, new
     if tokens_np.ndim != 2 or tokens_np.shape[0] != b or not np.issubdtype(tokens_np.dtype, np.integer):
         raise ValueError(f"new_tokens must be integer ids of shape [B={b}, T], got {tokens_np.dtype} "
                          f"{tuple(tokens_np.shape)}")
-    if np.any((tokens_np < 0) | (tokens_np >= model_config.vocab_size)):
-        raise ValueError(f"new_tokens: token ids must lie in [0, vocab_size={model_config.vocab_size})")
+    _check_ids("new_tokens", tokens_np, model_config)
     if lens_np.shape != (b,) or np.any(lens_np < 0) or np.any(lens_np > tokens_np.shape[1]):
         raise ValueError(f"new_lens must have shape [B] = ({b},) with values in [0, {tokens_np.shape[1]}], "
                          f"got {lens_np.tolist()}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     needed = int(np.max(np.asarray(state.length))) + 1 + tokens_np.shape[1] + max_new_tokens + k + 1
     if needed > cache_len:
         raise ValueError(f"cache_len: the state's cache holds {cache_len} positions; continuing needs {needed} "
@@ -414,7 +418,7 @@ def _run(sig: tuple, fn, args: tuple, spec: SpecConfig, return_state: bool, dona
     seconds = time.perf_counter() - t0
     lengths = np.asarray(lengths)
     stats = jax.device_get(stats)
-    k = spec.num_draft if spec.method != "none" else 0
+    k = spec.drafts
     row_steps = int(stats["row_steps"])
     per_depth = (np.asarray(stats["accepted"]) / np.maximum(np.asarray(stats["attempted"]), 1)).tolist() if k else []
     out_stats = {
