@@ -50,6 +50,7 @@ class ModelConfig:
     max_seq_len: int = 512
     num_mtp_depths: int = 3
     num_mtp_modules: int = 1
+    mtp_intermediate_size: int | None = None  # MLP width of the MTP modules (None: intermediate_size)
     dtype: str = "float32"        # activations / matmul inputs
     param_dtype: str = "float32"  # stored parameters
 
@@ -67,11 +68,19 @@ class ModelConfig:
         _check(self.num_mtp_modules in (1, self.num_mtp_depths), cls, "num_mtp_modules",
                f"must be 1 (shared) or num_mtp_depths ({self.num_mtp_depths}), "
                f"got {self.num_mtp_modules}")
+        _check(self.mtp_intermediate_size is None
+               or (isinstance(self.mtp_intermediate_size, int) and self.mtp_intermediate_size >= 1),
+               cls, "mtp_intermediate_size", f"must be None or an int >= 1, got {self.mtp_intermediate_size!r}")
         _check(math.isfinite(self.rope_theta) and self.rope_theta > 0, cls, "rope_theta", f"must be finite and > 0, got {self.rope_theta}")
         _check(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0, cls, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, cls, name,
                    f"must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    @property
+    def mtp_mlp_size(self) -> int:
+        """MLP width of the MTP modules' decoder layer: the draft's capacity knob."""
+        return self.intermediate_size if self.mtp_intermediate_size is None else self.mtp_intermediate_size
 
     @property
     def mtp_module_for_depth(self) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ BAD = [
     (C.ModelConfig, dict(max_seq_len=0), "max_seq_len"),
     (C.ModelConfig, dict(num_mtp_depths=0), "num_mtp_depths"),  # K < 1
     (C.ModelConfig, dict(num_mtp_modules=0), "num_mtp_modules"),
+    (C.ModelConfig, dict(mtp_intermediate_size=0), "mtp_intermediate_size"),
     (C.ModelConfig, dict(num_mtp_depths=3, num_mtp_modules=2), "num_mtp_modules"),  # not 1 or K
     (C.ModelConfig, dict(num_mtp_depths=2, num_mtp_modules=3), "num_mtp_modules"),
     (C.ModelConfig, dict(vocab_size=1), "vocab_size"),

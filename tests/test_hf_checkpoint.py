@@ -235,6 +235,7 @@ def test_mtp_tensors_load_exactly_match_torch_and_survive_export(kv2_mtp, tmp_pa
     model, path, mtp = kv2_mtp
     config, params = load_hf_checkpoint(path, num_mtp_depths=2)
     assert (config.num_mtp_depths, config.num_mtp_modules) == (2, 1)
+    assert hf.mtp_modules_in_checkpoint(path) == 1
     m0 = params["mtp_0"]
     np.testing.assert_array_equal(m0["fc"], mtp["mtp.fc.weight"].T)  # [2H, H]: embedding rows first
     np.testing.assert_array_equal(m0["pre_fc_norm_embedding"]["scale"],
@@ -262,6 +263,7 @@ def test_fresh_mtp_module_is_the_projects_init_in_its_sharding(kv2_plain):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, model=2))
     key = jax.random.key(7)
     config, params = load_hf_checkpoint(path, mesh, num_mtp_depths=1, key=key)
+    assert hf.mtp_modules_in_checkpoint(path) == 0
     # no mtp.* tensors: the module is init_params' own, made in place (jit drops the trunk's init)
     fresh = jax.jit(lambda k: init_params(config, k)["mtp_0"])(key)
     _assert_trees_equal(params["mtp_0"], fresh)
@@ -282,6 +284,7 @@ def test_one_module_per_depth_is_named_mtp_m_and_round_trips(kv2_plain, tmp_path
     _add_tensors_as_second_file(path, {k: v for t in modules for k, v in t.items()})
     config, params = load_hf_checkpoint(path)  # K defaults to the 3 modules found
     assert (config.num_mtp_depths, config.num_mtp_modules) == (3, 3)
+    assert hf.mtp_modules_in_checkpoint(path) == 3
     for m in range(3):
         np.testing.assert_array_equal(params[f"mtp_{m}"]["layer"]["mlp"]["down_proj"],
                                       modules[m][f"mtp.{m}.layers.0.mlp.down_proj.weight"].T)
@@ -454,3 +457,20 @@ def test_export_refuses_params_that_do_not_fit_the_config(kv2_mtp, tmp_path):
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         export_hf_checkpoint(config, good, tmp_path / "b")
     export_hf_checkpoint(config, good, tmp_path / "b", overwrite=True)
+
+
+def test_narrow_mtp_mlp_round_trips_and_is_named_in_config_json(tmp_path):
+    from bebop_jax.config import ModelConfig
+    config = ModelConfig.tiny(num_mtp_depths=2, mtp_intermediate_size=8)
+    params = init_params(config, jax.random.key(5))
+    export_hf_checkpoint(config, params, tmp_path / "narrow")
+    with open(tmp_path / "narrow" / hf.CONFIG_FILE) as f:
+        assert json.load(f)["mtp_intermediate_size"] == 8
+    assert _read_all(tmp_path / "narrow")["mtp.layers.0.mlp.up_proj.weight"].shape == (8, config.hidden_size)
+    config2, params2 = load_hf_checkpoint(tmp_path / "narrow")
+    assert config2 == config
+    _assert_trees_equal(params2, params)
+    plain = ModelConfig.tiny(num_mtp_depths=2)  # the same width as the trunk writes no extra key
+    export_hf_checkpoint(plain, init_params(plain, jax.random.key(5)), tmp_path / "plain")
+    with open(tmp_path / "plain" / hf.CONFIG_FILE) as f:
+        assert "mtp_intermediate_size" not in json.load(f)

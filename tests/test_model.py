@@ -101,6 +101,20 @@ def test_param_tree_matches_init(variant):
         jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
 
 
+def test_mtp_mlp_width_is_set_apart_from_the_trunks():
+    """mtp_intermediate_size narrows the MTP modules' MLP only: the draft's capacity knob."""
+    cfg = tiny(mtp_intermediate_size=8)
+    abstract = abstract_params(cfg)
+    h = cfg.hidden_size
+    assert abstract["mtp_0"]["layer"]["mlp"]["up_proj"].shape == (h, 8)
+    assert abstract["mtp_0"]["layer"]["mlp"]["down_proj"].shape == (8, h)
+    assert abstract["layers_0"]["mlp"]["up_proj"].shape == (h, cfg.intermediate_size)
+    assert cfg.mtp_mlp_size == 8 and tiny().mtp_mlp_size == tiny().intermediate_size
+    params = init_params(cfg, jax.random.key(1))
+    out = apply(cfg, params, random_tokens(3, (2, 8)))
+    assert out.mtp_logits.shape == (2, 8, K, V) and bool(jnp.all(jnp.isfinite(out.mtp_logits)))
+
+
 @pytest.mark.parametrize("num_modules", [1, K])
 def test_depths_are_routed_to_their_module(num_modules):
     """M = K: module m serves depth m+1 only, so perturbing it changes depth m+1 and the

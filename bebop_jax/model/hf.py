@@ -35,7 +35,8 @@ in a Qwen3ForCausalLM file are read and written as multipliers like the trunk's,
 bit-exact. Qwen3-Next / Qwen3.5 checkpoints themselves are refused: their trunks
 (gated-delta-net linear attention, gated attention, MoE) are not this model.
 
-``config.json`` gains two keys of ours, ``num_mtp_depths`` and ``num_mtp_modules``;
+``config.json`` gains two keys of ours, ``num_mtp_depths`` and ``num_mtp_modules`` (and
+``mtp_intermediate_size`` when the MTP modules' MLP is narrower than the trunk's);
 transformers keeps unknown keys and ignores ``mtp.*`` tensors, so an exported
 checkpoint still loads as a plain Qwen3ForCausalLM there.
 """
@@ -111,8 +112,9 @@ class _Spec:
         return (s[2], s[0] * s[1])  # heads_out
 
 
-def _layer_specs(cfg: ModelConfig, path: tuple[str, ...], prefix: str) -> list[_Spec]:
-    h, n, nkv, d, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+def _layer_specs(cfg: ModelConfig, path: tuple[str, ...], prefix: str, mlp_size: int | None = None) -> list[_Spec]:
+    h, n, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    i = mlp_size or cfg.intermediate_size
     row = lambda sub, name, kind, shape: _Spec(path + sub, f"{prefix}.{name}", kind, shape)
     return [
         row(("input_layernorm", "scale"), "input_layernorm.weight", "copy", (h,)),
@@ -145,7 +147,7 @@ def _mtp_specs(cfg: ModelConfig) -> list[_Spec]:
             _Spec(root + ("pre_fc_norm_hidden", "scale"), f"{p}.pre_fc_norm_hidden.weight", "copy",
                   (h,)),
             _Spec(root + ("fc",), f"{p}.fc.weight", "transpose", (2 * h, h)),
-            *_layer_specs(cfg, root + ("layer",), f"{p}.layers.0"),
+            *_layer_specs(cfg, root + ("layer",), f"{p}.layers.0", cfg.mtp_mlp_size),
             _Spec(root + ("norm", "scale"), f"{p}.norm.weight", "copy", (h,)),
         ]
     return specs
@@ -282,11 +284,11 @@ def _hf_to_model_config(hf: Mapping[str, Any], where: str, *, dtype: Any, num_mt
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=hf.get("max_position_embeddings", 32768),
         num_mtp_depths=num_mtp_depths, num_mtp_modules=num_mtp_modules,
-        dtype=param_dtype, param_dtype=param_dtype)
+        mtp_intermediate_size=hf.get("mtp_intermediate_size"), dtype=param_dtype, param_dtype=param_dtype)
 
 
 def model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The ``config.json`` of a Qwen3ForCausalLM with this trunk (plus our two MTP keys)."""
+    """The ``config.json`` of a Qwen3ForCausalLM with this trunk (plus our MTP keys)."""
     return {
         "architectures": [ARCHITECTURE], "model_type": "qwen3",
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
@@ -301,6 +303,7 @@ def model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "layer_types": ["full_attention"] * config.num_layers,
         "dtype": config.param_dtype,
         "num_mtp_depths": config.num_mtp_depths, "num_mtp_modules": config.num_mtp_modules,
+        **({} if config.mtp_intermediate_size is None else {"mtp_intermediate_size": config.mtp_intermediate_size}),
     }
 
 
@@ -368,6 +371,17 @@ def _mtp_modules_in_file(names: set[str], path: str) -> int:
     if ids != list(range(len(ids))):
         raise ValueError(f"{path}: MTP modules must be numbered 0..M-1, found fc weights of {ids}")
     return len(ids)
+
+
+def mtp_modules_in_checkpoint(path: str | os.PathLike) -> int:
+    """How many MTP modules a safetensors checkpoint ships (0: trunk only), from the headers.
+
+    A checkpoint that ships ``mtp.*`` heads (pretrained with CE, as Qwen3-Next's) is
+    where pre-RL MTP training should start; one without gets fresh heads.
+    """
+    path = os.fspath(path)
+    with contextlib.ExitStack() as stack:
+        return _mtp_modules_in_file(set(_Files(path, stack).shape), path)
 
 
 def _validate(files: _Files, specs: list[_Spec], config: ModelConfig, with_mtp: bool) -> None:

@@ -122,11 +122,12 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: ModelConfig
+    intermediate_size: int | None = None  # None: config.intermediate_size
 
     @nn.compact
     def __call__(self, x_BxTxH: Array) -> Array:
         cfg = self.config
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        h, i = cfg.hidden_size, self.intermediate_size or cfg.intermediate_size
         dt = jnp.dtype(cfg.dtype)
         wg = _param(self, "gate_proj", _dense_init(h), (h, i), ("embed", "mlp"))
         wu = _param(self, "up_proj", _dense_init(h), (h, i), ("embed", "mlp"))
@@ -140,6 +141,7 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)); then x + mlp(norm(x))."""
 
     config: ModelConfig
+    intermediate_size: int | None = None  # the MLP's width (None: config.intermediate_size)
 
     @nn.compact
     def __call__(self, x_BxTxH: Array, positions_BxT: Array, cache: KVCache | None = None,
@@ -148,7 +150,7 @@ class DecoderLayer(nn.Module):
         attn_out, new_cache = Attention(cfg, name="self_attn")(
             RMSNorm(cfg, cfg.hidden_size, name="input_layernorm")(x_BxTxH), positions_BxT, cache, segment_ids_BxT)
         x = x_BxTxH + attn_out.astype(x_BxTxH.dtype)
-        mlp_out = MLP(cfg, name="mlp")(RMSNorm(cfg, cfg.hidden_size, name="post_attention_layernorm")(x))
+        mlp_out = MLP(cfg, self.intermediate_size, name="mlp")(RMSNorm(cfg, cfg.hidden_size, name="post_attention_layernorm")(x))
         return x + mlp_out.astype(x.dtype), new_cache
 
 

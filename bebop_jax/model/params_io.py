@@ -60,7 +60,8 @@ def load_policy(path: str | Path, mesh: Mesh | None = None, *,
     config = saved
     if expect is not None:
         shape_fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                        "intermediate_size", "tie_embeddings", "num_mtp_depths", "num_mtp_modules")
+                        "intermediate_size", "tie_embeddings", "num_mtp_depths", "num_mtp_modules",
+                        "mtp_mlp_size")
         diffs = [f"{f}: checkpoint {getattr(saved, f)!r} vs requested {getattr(expect, f)!r}"
                  for f in shape_fields if getattr(saved, f) != getattr(expect, f)]
         if diffs:

@@ -58,7 +58,7 @@ class MTPModule(nn.Module):
         self.pre_fc_norm_hidden = RMSNorm(cfg, h)
         self.fc = self.param("fc", nn.with_logical_partitioning(_dense_init(2 * h), ("mtp_in", "embed")),
                              (2 * h, h), jnp.dtype(cfg.param_dtype))
-        self.layer = DecoderLayer(cfg)
+        self.layer = DecoderLayer(cfg, cfg.mtp_mlp_size)
         self.norm = RMSNorm(cfg, h)
 
     def __call__(self, emb_BxTxH: Array, hidden_BxTxH: Array, positions_BxT: Array,
