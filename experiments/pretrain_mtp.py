@@ -9,11 +9,16 @@
 2. Self-distillation data: the base's own responses to task prompts, sampled at
    the rollout temperature (what the MTP heads will have to predict in RL).
 3. MTP heads trained with each loss (--loss ce|kl|tv|e2e_tv|all) from the same
-   initialisation on the same data, trunk frozen. The initialisation is a short
-   shared CE warm start (--warm_start_steps; 0 = fresh heads): real models ship
-   MTP heads pretrained with CE, and pre-RL MTP training starts from those. The
-   TV losses need it: their gradient vanishes on tokens a fresh head gives ~0
-   probability, so from scratch they learn slowly what CE learns fast.
+   initialisation on the same data, trunk frozen. Real models ship MTP heads
+   pretrained with CE, and pre-RL MTP training starts from those: with an
+   --hf_checkpoint that has mtp.* tensors every loss starts from them. Otherwise
+   the initialisation is a shared CE warm start of fresh heads, long enough for CE
+   to level off (--warm_start_steps; 0 = fresh heads). The TV losses need it: their
+   gradient vanishes on tokens a head gives ~0 probability, so from scratch they
+   learn slowly what CE learns fast. The small default draft is one MTP layer with
+   an 8-wide MLP (--base.model.mtp-intermediate-size, or --mtp_intermediate_size
+   for heads on a given base): like a real model's draft it cannot match the
+   target everywhere, and only then do the losses' optima differ.
 4. Evaluation on held-out prompts: teacher-forced acceptance on base rollouts,
    and real speculative decoding (greedy and rejection verification at each
    temperature): per-depth acceptance, mean accepted drafts, tokens per forward.
@@ -39,7 +44,7 @@ from bebop_jax.config import LOSS_NAMES, MeshConfig, MTPConfig, OptimizerConfig,
 from bebop_jax.data.corpus import rollout_examples  # noqa: E402
 from bebop_jax.data.pipeline import make_dataset  # noqa: E402
 from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.model.hf import export_hf_checkpoint, init_mtp_params, load_hf_checkpoint  # noqa: E402
+from bebop_jax.model.hf import export_hf_checkpoint, init_mtp_params, load_hf_checkpoint, mtp_modules_in_checkpoint  # noqa: E402
 from bebop_jax.model.params_io import load_policy, save_policy  # noqa: E402
 from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
 from bebop_jax.rollout import rollout  # noqa: E402
@@ -69,7 +74,9 @@ class MTPArgs:
     eval_temperatures: tuple[float, ...] = (0.6, 1.0)
     num_draft: int = 3                   # K at evaluation (<= the model's num_mtp_depths)
     max_new_tokens: int = 96
-    warm_start_steps: int = 60           # shared CE steps before the per-loss training (0: fresh heads)
+    warm_start_steps: int = 300          # shared CE steps before the per-loss training (0: fresh heads)
+    fresh_heads: bool = False            # with --hf_checkpoint: ignore the mtp.* heads it ships
+    mtp_intermediate_size: int | None = None  # MLP width of the MTP heads trained here (None: the base's)
     batch_size_decode: int = 64
     # decay_steps is set per phase (warm start, each loss) to that phase's number of steps
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=6e-3, warmup_steps=10, decay_steps=90)
@@ -85,6 +92,10 @@ class MTPArgs:
             raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
         if self.base_dir and self.hf_checkpoint:
             raise ValueError("base_dir and hf_checkpoint: give at most one")
+        if self.fresh_heads and not self.hf_checkpoint:
+            raise ValueError("fresh_heads: only means something with --hf_checkpoint (other bases ship no trained heads)")
+        if self.mtp_intermediate_size is not None and self.mtp_intermediate_size < 1:
+            raise ValueError(f"mtp_intermediate_size: must be >= 1 (or unset), got {self.mtp_intermediate_size}")
         if self.warm_start_steps < 0:
             raise ValueError(f"warm_start_steps: must be >= 0, got {self.warm_start_steps}")
         if any(t <= 0 for t in self.eval_temperatures) or self.rollout_temperature <= 0:
@@ -116,6 +127,19 @@ def load_base(args: MTPArgs, run_dir, mesh):
         pretrain_base(base_args)
     model_config, params = load_policy(run_dir / "base" / "policy", mesh, expect=args.base.model)
     return model_config, params, load_tokenizer(args.base.tokenizer)
+
+
+def starting_heads(args: MTPArgs, model_config, base_params, mesh):
+    """(heads, shipped): the checkpoint's own MTP heads when --hf_checkpoint ships them
+    (they are CE-pretrained, which the warm start only imitates), else fresh ones."""
+    if args.hf_checkpoint and not args.fresh_heads and mtp_modules_in_checkpoint(args.hf_checkpoint):
+        heads = split_params(base_params, "mtp_only")[0]
+        width = heads["mtp_0"]["layer"]["mlp"]["up_proj"].shape[-1]
+        if width != model_config.mtp_mlp_size:
+            raise UserError(f"--mtp_intermediate_size {model_config.mtp_mlp_size}: the mtp.* heads in "
+                            f"{args.hf_checkpoint} are {width} wide; add --fresh_heads to train new ones")
+        return heads, True
+    return init_mtp_params(model_config, jax.random.key(args.train.seed + 7), mesh), False
 
 
 def distillation_rollouts(args: MTPArgs, params, model_config, tokenizer, tasks, run_dir, split: str, n: int, seed: int):
@@ -192,13 +216,16 @@ def pretrain_mtp(args: MTPArgs) -> dict:
     run_dir = prepare_run_dir(args.run_dir)
     mesh = make_mesh(args.mesh)
     model_config, base_params, tokenizer = load_base(args, run_dir, mesh)
+    base_config = model_config  # the rollouts run the trunk alone; the heads trained below may be narrower
+    if args.mtp_intermediate_size is not None:
+        model_config = dataclasses.replace(model_config, mtp_intermediate_size=args.mtp_intermediate_size)
     if args.num_draft > model_config.num_mtp_depths:
         raise UserError(f"num_draft={args.num_draft} exceeds the model's num_mtp_depths={model_config.num_mtp_depths}")
     tasks = [get_task(name, difficulty=args.base.difficulty) for name in args.tasks]
     seed = args.train.seed
-    train_ro = distillation_rollouts(args, base_params, model_config, tokenizer, tasks, run_dir, "train",
+    train_ro = distillation_rollouts(args, base_params, base_config, tokenizer, tasks, run_dir, "train",
                                      args.distill_prompts, seed)
-    test_ro = distillation_rollouts(args, base_params, model_config, tokenizer, tasks, run_dir, "test",
+    test_ro = distillation_rollouts(args, base_params, base_config, tokenizer, tasks, run_dir, "test",
                                     args.eval_prompts, seed)
     eval_examples = {t.name: t.examples("test", args.eval_prompts, seed=seed) for t in tasks}
     corpus = [ex for d in train_ro.values() for ex in rollout_examples(d["prompt_ids"], d["response_ids"])]
@@ -215,15 +242,20 @@ def pretrain_mtp(args: MTPArgs) -> dict:
         return {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t) for t in args.eval_temperatures}
 
     with MetricLogger(run_dir) as logger:
-        heads = init_mtp_params(model_config, jax.random.key(seed + 7), mesh)
-        if args.warm_start_steps:
+        heads, shipped = starting_heads(args, model_config, base_params, mesh)
+        if shipped:
+            print(f"starting from the mtp.* heads in {args.hf_checkpoint} (no warm start; "
+                  "--fresh_heads to start from fresh ones)", flush=True)
+            warm = {"steps": 0, "source": "checkpoint", "teacher_forced": teacher_forced_by_temperature(base_params)}
+        elif args.warm_start_steps:
             # Its own data order, so the per-loss phases below do not replay its batches.
             warm_data = make_dataset(corpus, args.train.seq_len, args.train.batch_size, seed=seed + 1,
                                      overlong="truncate", vocab_size=model_config.vocab_size)
             params = train_mtp(args, "ce", heads, base_params, model_config, warm_data, mesh, run_dir, logger,
                                name="warm_start_ce", num_steps=args.warm_start_steps, export=False)
             heads = split_params(params, "mtp_only")[0]
-            warm = {"steps": args.warm_start_steps, "teacher_forced": teacher_forced_by_temperature(params)}
+            warm = {"steps": args.warm_start_steps, "source": "ce_warm_start",
+                    "teacher_forced": teacher_forced_by_temperature(params)}
         for loss in args.losses:
             params = train_mtp(args, loss, heads, base_params, model_config, dataset, mesh, run_dir, logger,
                                name=f"mtp_{loss}", num_steps=args.train.num_steps)
@@ -266,7 +298,9 @@ def print_summary(args: MTPArgs, results: dict) -> None:
                 float_format="{:.3f}")
     if results["warm_start"]:
         w = results["warm_start"]
-        print(f"shared CE warm start ({w['steps']} steps) before each loss, teacher-forced E[accepted] "
+        start = ("every loss starts from the checkpoint's mtp.* heads," if w["source"] == "checkpoint"
+                 else f"shared CE warm start ({w['steps']} steps) before each loss,")
+        print(f"{start} teacher-forced E[accepted] "
               "(rejection): " + ", ".join(f"T={t}: {v['mean_accepted']['rejection']:.3f}"
                                           for t, v in w["teacher_forced"].items()))
     ent = results["base"]["entropy_nats"]

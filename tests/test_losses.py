@@ -297,7 +297,7 @@ def test_tv_trained_draft_beats_kl_trained_when_the_draft_cannot_match_the_targe
     family that cannot represent the target (rank-4 logits for 128 contexts over 64
     tokens, each target a dominant token plus a long tail) is fitted to convergence
     with each loss from the same init: the TV-trained draft's acceptance
-    sum_v min(p, q) beats the KL-trained one's by several points, while KL's own
+    sum_v min(p, q) beats the KL-trained one's by more than 5 points, while KL's own
     objective prefers the KL draft. (With a draft that can match p both reach
     q = p; the gap needs a capacity limit.)"""
     import optax
@@ -324,7 +324,7 @@ def test_tv_trained_draft_beats_kl_trained_when_the_draft_cannot_match_the_targe
         return float(jnp.mean(jnp.sum(jnp.minimum(p, q), -1))), float(jnp.mean(jnp.sum(p * jnp.log(p / q), -1)))
 
     (acc_tv, kl_tv), (acc_kl, kl_kl) = fit("tv"), fit("kl")
-    assert acc_tv > acc_kl + 0.03, (acc_tv, acc_kl)
+    assert acc_tv > acc_kl + 0.05, (acc_tv, acc_kl)  # 0.593 vs 0.519 on this machine
     assert kl_kl < kl_tv, (kl_kl, kl_tv)  # each loss wins on its own objective: both fits converged
 
 

@@ -135,3 +135,46 @@ def test_mismatched_base_checkpoint_is_refused_and_kept(tmp_path):
     assert out.returncode != 0
     assert "hidden_size" in out.stderr and "Traceback" not in out.stderr
     assert {p: p.stat().st_mtime_ns for p in policy.rglob("*")} == before
+
+
+def test_mtp_training_starts_from_the_heads_an_hf_checkpoint_ships(tmp_path):
+    import dataclasses
+
+    import jax
+    from safetensors.numpy import load_file, save_file
+    from bebop_jax.config import ModelConfig
+    from bebop_jax.model import init_params
+    from bebop_jax.model.hf import CONFIG_FILE, SINGLE_FILE, export_hf_checkpoint, init_mtp_params, load_hf_checkpoint
+    from bebop_jax.train.cli import UserError
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import pretrain_mtp
+
+    cfg = ModelConfig.tiny(num_mtp_depths=2)
+    shipped = init_params(cfg, jax.random.key(3))
+    export_hf_checkpoint(cfg, shipped, tmp_path / "with_heads")
+    (tmp_path / "trunk_only").mkdir()  # what a plain Qwen3 checkpoint looks like
+    (tmp_path / "trunk_only" / CONFIG_FILE).write_text((tmp_path / "with_heads" / CONFIG_FILE).read_text())
+    tensors = load_file(tmp_path / "with_heads" / SINGLE_FILE)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("mtp.")}, tmp_path / "trunk_only" / SINGLE_FILE)
+
+    def start(path, **kw):
+        args = pretrain_mtp.MTPArgs(hf_checkpoint=str(path), **kw)
+        config, base = load_hf_checkpoint(path)
+        heads, from_file = pretrain_mtp.starting_heads(args, config, base, None)
+        fresh = init_mtp_params(config, jax.random.key(args.train.seed + 7))
+        same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        return from_file, same(heads, {"mtp_0": shipped["mtp_0"]}), same(heads, fresh)
+
+    assert start(tmp_path / "with_heads") == (True, True, False)
+    assert start(tmp_path / "with_heads", fresh_heads=True) == (False, False, True)
+    assert start(tmp_path / "trunk_only") == (False, False, True)
+    with pytest.raises(ValueError, match="fresh_heads"):
+        pretrain_mtp.MTPArgs(fresh_heads=True)
+    # shipped heads of another width than asked for are refused, not silently reshaped
+    config, base = load_hf_checkpoint(tmp_path / "with_heads")
+    narrow = dataclasses.replace(config, mtp_intermediate_size=8)
+    args = pretrain_mtp.MTPArgs(hf_checkpoint=str(tmp_path / "with_heads"), mtp_intermediate_size=8)
+    with pytest.raises(UserError, match="are 64 wide; add --fresh_heads"):
+        pretrain_mtp.starting_heads(args, narrow, base, None)
+    heads, from_file = pretrain_mtp.starting_heads(dataclasses.replace(args, fresh_heads=True), narrow, base, None)
+    assert not from_file and heads["mtp_0"]["layer"]["mlp"]["up_proj"].shape == (config.hidden_size, 8)

@@ -36,7 +36,7 @@ bit-exact. Qwen3-Next / Qwen3.5 checkpoints themselves are refused: their trunks
 (gated-delta-net linear attention, gated attention, MoE) are not this model.
 
 ``config.json`` gains two keys of ours, ``num_mtp_depths`` and ``num_mtp_modules`` (and
-``mtp_intermediate_size`` when the MTP modules' MLP is narrower than the trunk's);
+``mtp_intermediate_size`` when the model sets the MTP modules' MLP width apart);
 transformers keeps unknown keys and ignores ``mtp.*`` tensors, so an exported
 checkpoint still loads as a plain Qwen3ForCausalLM there.
 """
