@@ -219,6 +219,7 @@ def pretrain_mtp(args: MTPArgs) -> dict:
     base_config = model_config  # the rollouts run the trunk alone; the heads trained below may be narrower
     if args.mtp_intermediate_size is not None:
         model_config = dataclasses.replace(model_config, mtp_intermediate_size=args.mtp_intermediate_size)
+    heads, shipped = starting_heads(args, model_config, base_params, mesh)  # refuses a width mismatch before any work
     if args.num_draft > model_config.num_mtp_depths:
         raise UserError(f"num_draft={args.num_draft} exceeds the model's num_mtp_depths={model_config.num_mtp_depths}")
     tasks = [get_task(name, difficulty=args.base.difficulty) for name in args.tasks]
@@ -242,7 +243,6 @@ def pretrain_mtp(args: MTPArgs) -> dict:
         return {str(t): teacher_forced_acceptance(params, model_config, eval_batches, t) for t in args.eval_temperatures}
 
     with MetricLogger(run_dir) as logger:
-        heads, shipped = starting_heads(args, model_config, base_params, mesh)
         if shipped:
             print(f"starting from the mtp.* heads in {args.hf_checkpoint} (no warm start; "
                   "--fresh_heads to start from fresh ones)", flush=True)
