@@ -309,7 +309,7 @@ def validate_generate_args(model_config: ModelConfig, prompts, prompt_lens, max_
                            spec: SpecConfig, cache_len: int | None) -> int:
     """Checks the prompts and the cache on host values (after ``_check_configs``); returns the
     cache length. Raises ValueError naming the argument."""
-    if spec.method != "none" and spec.num_draft > model_config.num_mtp_depths:
+    if spec.drafts > model_config.num_mtp_depths:
         raise ValueError(f"spec.num_draft={spec.num_draft} exceeds the model's "
                          f"num_mtp_depths={model_config.num_mtp_depths}")
     if prompts.ndim != 2 or prompts.shape[1] < 1:
