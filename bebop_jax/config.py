@@ -108,10 +108,15 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SpecConfig:
-    """Speculative decoding: ``none`` (vanilla), ``greedy`` or ``rejection`` verification of K drafts."""
+    """Speculative decoding: ``none`` (vanilla), ``greedy`` or ``rejection`` verification of K drafts.
+
+    ``adaptive``: before each call a ``bebop_jax.decode.DraftController`` picks the draft
+    length k in 0..num_draft (0 = vanilla) that maximises expected tokens per unit time.
+    """
 
     method: str = "none"
     num_draft: int = 3
+    adaptive: bool = False
 
     def __post_init__(self):
         _check(self.method in ("none", "greedy", "rejection"), "SpecConfig", "method",
@@ -119,11 +124,20 @@ class SpecConfig:
         _check(isinstance(self.num_draft, int) and not isinstance(self.num_draft, bool)
                and self.num_draft >= 1, "SpecConfig", "num_draft",
                f"must be an int >= 1 (K), got {self.num_draft!r}")
+        _check(isinstance(self.adaptive, bool), "SpecConfig", "adaptive", f"must be a bool, got {self.adaptive!r}")
+        _check(not (self.adaptive and self.method == "none"), "SpecConfig", "adaptive",
+               "needs method 'greedy' or 'rejection' (there is no draft length to adapt with 'none')")
 
     @property
     def drafts(self) -> int:
         """Draft tokens per step: ``num_draft``, or 0 for vanilla decoding (method ``none``)."""
         return 0 if self.method == "none" else self.num_draft
+
+    def with_draft(self, k: int) -> "SpecConfig":
+        """The fixed-length config of draft length ``k`` (0: vanilla) that an adaptive call runs."""
+        _check(isinstance(k, int) and 0 <= k <= self.drafts, "SpecConfig", "num_draft",
+               f"a draft length must be in 0..{self.drafts}, got {k!r}")
+        return SpecConfig("none") if k == 0 else SpecConfig(self.method, k)
 
 
 LossName = Literal["ce", "kl", "tv", "e2e_tv"]

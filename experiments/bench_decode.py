@@ -62,7 +62,6 @@ Writes RUN_DIR/results.json.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import sys
@@ -77,9 +76,10 @@ import numpy as np  # noqa: E402
 from bebop_jax.config import ModelConfig, SpecConfig  # noqa: E402
 from bebop_jax.model import init_params, load_hf_checkpoint, params_io  # noqa: E402
 from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.rollout import encode_prompts, pad_prompts  # noqa: E402
+from bebop_jax.decode.rollout import encode_prompts, pad_prompts  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
-from bebop_jax.spec import generate  # noqa: E402
+from bebop_jax.decode import generate  # noqa: E402
+from bebop_jax.decode.synthetic import agreeing_params, never_accepted_params  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
 from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
 from bebop_jax.train.metrics_log import print_table, write_results_json  # noqa: E402
@@ -157,56 +157,6 @@ def load_policy(path: str) -> tuple[ModelConfig, dict]:
                     "nor a Hugging Face directory (config.json + *.safetensors)")
 
 
-def _host_copy(params) -> dict:
-    return copy.deepcopy(jax.tree.map(np.asarray, jax.device_get(params)))
-
-
-def _scale_layer_outputs(layer: dict, scale: float) -> None:
-    layer["self_attn"]["o_proj"] = layer["self_attn"]["o_proj"] * scale
-    layer["mlp"]["down_proj"] = layer["mlp"]["down_proj"] * scale
-
-
-def _pass_embedding_through(module: dict, h: int, out_scale: float) -> None:
-    """MTP fc = [identity on the embedding half; 0 on the hidden half]; layer outputs scaled."""
-    module["fc"] = np.concatenate([np.eye(h, dtype=module["fc"].dtype),
-                                   np.zeros((h, h), module["fc"].dtype)], axis=0)
-    module["pre_fc_norm_embedding"]["scale"] = np.ones_like(module["pre_fc_norm_embedding"]["scale"])
-    _scale_layer_outputs(module["layer"], out_scale)
-
-
-def adversarial_params(cfg: ModelConfig, params, offset: float = 4.0, trunk_scale: float = 0.05) -> dict:
-    """Same shapes, values such that every draft is rejected (see the module docstring)."""
-    p = _host_copy(params)
-    h = cfg.hidden_size
-    e = np.full((h,), h ** -0.5, np.float32)  # unit direction
-    emb = p["embed_tokens"].astype(np.float32) + offset * e
-    emb[0] = 0.0
-    p["embed_tokens"] = emb.astype(p["embed_tokens"].dtype)
-    if not cfg.tie_embeddings:
-        head = p["lm_head"].astype(np.float32) + offset * e[:, None]
-        head[:, 0] = 0.0
-        p["lm_head"] = head.astype(p["lm_head"].dtype)
-    p["norm"]["scale"] = np.ones_like(p["norm"]["scale"])
-    for name, sub in p.items():
-        if name.startswith("layers_"):
-            _scale_layer_outputs(sub, trunk_scale)
-        elif name.startswith("mtp_"):
-            _pass_embedding_through(sub, h, 0.0)
-            sub["norm"]["scale"] = -np.ones_like(sub["norm"]["scale"])
-    return p
-
-
-def agreeing_params(cfg: ModelConfig, params, scale: float = 0.03) -> dict:
-    """Near-Markov trunk, MTP heads that nearly copy it: high acceptance (synthetic)."""
-    p = _host_copy(params)
-    for name, sub in p.items():
-        if name.startswith("layers_"):
-            _scale_layer_outputs(sub, scale)
-        elif name.startswith("mtp_"):
-            _pass_embedding_through(sub, cfg.hidden_size, scale)
-    return p
-
-
 # ----------------------------------------------------------------------------- timing
 
 
@@ -236,11 +186,11 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
         source = "RANDOM INIT ModelConfig.small"
     cost_params = None  # the same shapes with drafts never accepted: a speculative step's cost
     if args.adversarial:
-        params = adversarial_params(cfg, params)
+        params = never_accepted_params(cfg, params)
         source += " + adversarial rewrite (drafts never accepted)"
     else:
         if args.params or args.agreeing_heads:
-            cost_params = jax.device_put(adversarial_params(cfg, params))
+            cost_params = jax.device_put(never_accepted_params(cfg, params))
         if args.agreeing_heads:
             params = agreeing_params(cfg, params)
             source += " + agreeing-heads rewrite (synthetic high acceptance)"

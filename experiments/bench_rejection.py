@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bebop_jax.spec import rejection  # noqa: E402
+from bebop_jax.decode import rejection  # noqa: E402
 from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main  # noqa: E402
 from bebop_jax.train.metrics_log import print_table, write_results_json  # noqa: E402
 

@@ -25,7 +25,7 @@ from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from bebop_jax.model import init_params  # noqa: E402
 from bebop_jax.model.params_io import save_policy  # noqa: E402
 from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
-from bebop_jax.rollout import rollout  # noqa: E402
+from bebop_jax.decode.rollout import rollout  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
 from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402

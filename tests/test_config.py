@@ -53,6 +53,8 @@ BAD = [
     (C.SpecConfig, dict(method="typical"), "method"),
     (C.SpecConfig, dict(num_draft=0), "num_draft"),
     (C.SpecConfig, dict(num_draft=True), "num_draft"),
+    (C.SpecConfig, dict(method="none", adaptive=True), "adaptive"),  # nothing to adapt
+    (C.SpecConfig, dict(method="rejection", adaptive=1), "adaptive"),
     # OptimizerConfig
     (C.OptimizerConfig, dict(learning_rate=0.0), "learning_rate"),
     (C.OptimizerConfig, dict(warmup_steps=-1), "warmup_steps"),

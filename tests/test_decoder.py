@@ -1,4 +1,4 @@
-"""The speculative decoder (bebop_jax.spec.decoder): exactness, MTP cache exactness,
+"""The speculative decoder (bebop_jax.decode): exactness, MTP cache exactness,
 the continuation seam, and argument checks.
 
 Random-init MTP heads almost never agree with the trunk, which would leave the
@@ -33,8 +33,8 @@ from bebop_jax import sampling
 from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.model import Policy, abstract_params
 from bebop_jax.sampling import SamplingConfig
-from bebop_jax.spec import decoder as dec
-from bebop_jax.spec import generate
+from bebop_jax.decode import decoder as dec
+from bebop_jax.decode import continue_generate, generate
 
 V = 16          # the distribution test's vocabulary: a 3-token joint with few cells
 V_GREEDY = 64   # the greedy tests': longer, more varied greedy paths than V=16 gives
@@ -314,7 +314,7 @@ GREEDY = SamplingConfig(temperature=0.0)
 def test_mtp_caches_exact_after_prefill():
     """Right after prefill (rows of prompt length 1..7: the window reaches before position 0)."""
     params, k = params_for("greedy"), K_MAX
-    state = dec._init_state(CFG, len(PROMPTS), CACHE_LEN, k, jnp.float32)
+    state = dec.init_state(CFG, len(PROMPTS), CACHE_LEN, k)
     state, _ = jitted_prefill(CFG, k, GREEDY)(params, state, jnp.asarray(pad_to(PROMPTS, PREFILL_WIDTH)),
                                              jnp.asarray(PROMPT_LENS), jax.random.key(0))
     np.testing.assert_array_equal(state.length, PROMPT_LENS)
@@ -379,12 +379,13 @@ def test_prefill_continuation_equals_prefill_of_whole_conversation():
         turn[i, :1 + e] = np.concatenate([res.tokens[i, n - 1:n], env[i, :e]])
         conv[i, :p + n + e] = np.concatenate([PROMPTS[i, :p], res.tokens[i, :n], env[i, :e]])
     cont, pending_c = prefill(params, res.state, jnp.asarray(turn), jnp.asarray(env_lens + 1), jax.random.key(0))
-    fresh = dec._init_state(CFG, b, CACHE_LEN, k, jnp.float32)
+    fresh = dec.init_state(CFG, b, CACHE_LEN, k)
     whole, pending_w = prefill(params, fresh, jnp.asarray(conv), jnp.asarray(conv_lens), jax.random.key(0))
 
     np.testing.assert_array_equal(cont.length, conv_lens)
     np.testing.assert_array_equal(whole.length, conv_lens)
-    np.testing.assert_array_equal(pending_c, pending_w)
+    np.testing.assert_array_equal(pending_c.tokens, pending_w.tokens)
+    np.testing.assert_allclose(pending_c.logprobs, pending_w.logprobs, atol=1e-5)
     np.testing.assert_allclose(cont.hidden_window, whole.hidden_window, atol=1e-5)
     for i, n in enumerate(conv_lens):
         np.testing.assert_array_equal(np.asarray(cont.seq)[i, :n + 1], np.asarray(whole.seq)[i, :n + 1])
@@ -418,7 +419,7 @@ def test_continue_generate_equals_generate_on_the_whole_conversation():
     env, env_lens = env_turn(b)
     state = jax.tree.map(jnp.copy, res.state)  # continue_generate donates its state; keep the cached one intact
     more = 8
-    cont = dec.continue_generate(params_for("greedy"), CFG, state, env, env_lens, jax.random.key(2),
+    cont = continue_generate(params_for("greedy"), CFG, state, env, env_lens, jax.random.key(2),
                                  max_new_tokens=more, sampling=SamplingConfig(temperature=0.0),
                                  spec=SpecConfig("rejection", K_MAX), eos_id=eos_id, return_state=True)
     conv_lens = PROMPT_LENS + res.lengths + env_lens
@@ -451,7 +452,7 @@ def test_continue_generate_rejects_bad_arguments_before_compiling(arg, monkeypat
     kwargs = dict(state=state, new_tokens=env, new_lens=env_lens, max_new_tokens=4, spec=SpecConfig("rejection", K_MAX))
     kwargs.update(BAD_CONTINUE_ARGS[arg])
     with pytest.raises(ValueError, match=arg.strip()):
-        dec.continue_generate(params_for("greedy"), CFG, kwargs.pop("state"), kwargs.pop("new_tokens"),
+        continue_generate(params_for("greedy"), CFG, kwargs.pop("state"), kwargs.pop("new_tokens"),
                               kwargs.pop("new_lens"), jax.random.key(0), **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Tests for bebop_jax.spec.rejection (XLA path) and rejection_pallas (kernel).
+"""Tests for bebop_jax.decode.rejection (XLA path) and rejection_pallas (kernel).
 
 Statistical claims use chi-squared / binomial tests at significance ALPHA with fixed
 seeds. Distributions are written down by hand in numpy, independently of the code
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bebop_jax.spec import rejection
-from bebop_jax.spec import rejection_pallas
+from bebop_jax.decode import rejection
+from bebop_jax.decode import rejection_pallas
 
 ALPHA = 1e-3  # significance level of every statistical test in this file
 N = 200_000   # rows (independent verify calls) per statistical test

@@ -1,4 +1,4 @@
-"""Pallas kernel for speculative rejection sampling (semantics: bebop_jax/spec/rejection.py).
+"""Pallas kernel for speculative rejection sampling (semantics: bebop_jax/decode/rejection.py).
 
 One program per batch row (grid = (B,)). The row's vocabulary axis is viewed as
 [R, L] (L = the largest power of two <= 128 dividing V, a free reshape) and walked
@@ -39,7 +39,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from bebop_jax import sampling
-from bebop_jax.spec.rejection import (assemble_tokens, noise_size,
+from bebop_jax.decode.rejection import (assemble_tokens, noise_size,
                                       validate_rejection_inputs, vocab_view)
 
 LANES = 128  # width of the small per-row in/out vectors

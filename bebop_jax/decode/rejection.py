@@ -270,7 +270,7 @@ def _pallas_path(target_logits, draft_logits, draft_tokens, uniforms_BxK, gumbel
         if method == "rejection":
             draft_logits = sampling.process_logits(draft_logits, temperature, top_k, top_p)
         temperature = 1.0
-    from bebop_jax.spec import rejection_pallas  # pylint: disable=g-import-not-at-top
+    from bebop_jax.decode import rejection_pallas  # pylint: disable=g-import-not-at-top
     return rejection_pallas.rejection_pallas(
         target_logits, draft_logits, draft_tokens, uniforms_BxK, gumbel_BxN,
         temperature=temperature, method=method)

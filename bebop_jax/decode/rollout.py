@@ -1,4 +1,4 @@
-"""Text in, text out: batched rollouts through ``bebop_jax.spec.generate``.
+"""Text in, text out: batched rollouts through ``bebop_jax.decode.generate``.
 
 Prompts are tokenized with the chat format the training data uses
 (``bos + format_prompt(prompt)``), right-padded to one fixed length and cut into
@@ -17,7 +17,7 @@ import numpy as np
 from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.data.tokenizer import Tokenizer, bos_prefix
 from bebop_jax.sampling import SamplingConfig
-from bebop_jax.spec import generate
+from bebop_jax.decode.host import generate
 
 
 @dataclasses.dataclass
@@ -25,6 +25,8 @@ class Rollouts:
     prompts: list[str]
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]    # generated tokens, the end-of-turn token included if emitted
+    logprobs: list[list[float]]      # per generated token: log-prob under its sampling distribution
+    entropy: list[list[float]]       # per generated token: that distribution's entropy (nats)
     texts: list[str]                 # decoded responses (special tokens dropped)
     stats: dict                      # generate() stats merged over batches
 
@@ -46,15 +48,16 @@ def _merge_stats(all_stats: list[dict]) -> dict:
     if not all_stats:
         return {}
     first = all_stats[0]
-    out = {"method": first["method"], "num_draft": first["num_draft"]}
+    k = max(s["num_draft"] for s in all_stats)  # adaptive calls may differ
+    out = {"method": first["method"], "num_draft": k, "draft_lengths": [s["num_draft"] for s in all_stats]}
     toks = sum(s["tokens_generated"] for s in all_stats)
     secs = sum(s["seconds"] for s in all_stats)
     row_forwards = sum(s["tokens_generated"] / s["tokens_per_forward"] for s in all_stats if s["tokens_per_forward"])
     steps = [s["row_steps"] for s in all_stats]
     out["mean_accepted"] = sum(s["mean_accepted"] * n for s, n in zip(all_stats, steps)) / max(sum(steps), 1)
-    k = first["num_draft"]
-    acc = np.sum([s["accepted_counts"] for s in all_stats], axis=0) if k else np.zeros(0)
-    att = np.sum([s["attempted_counts"] for s in all_stats], axis=0) if k else np.zeros(0)
+    pad = lambda counts: np.pad(np.asarray(counts, np.float64), (0, k - len(counts)))
+    acc = np.sum([pad(s["accepted_counts"]) for s in all_stats], axis=0) if k else np.zeros(0)
+    att = np.sum([pad(s["attempted_counts"]) for s in all_stats], axis=0) if k else np.zeros(0)
     out["per_depth_acceptance"] = (acc / np.maximum(att, 1)).tolist()
     out["tokens_generated"] = int(toks)
     out["tokens_per_forward"] = toks / max(row_forwards, 1e-9)
@@ -66,8 +69,11 @@ def _merge_stats(all_stats: list[dict]) -> dict:
 
 def rollout(params, model_config: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str], key: jax.Array, *,
             max_new_tokens: int, sampling: SamplingConfig, spec: SpecConfig = SpecConfig(),
-            batch_size: int = 64, prompt_len: int | None = None, impl: str = "auto") -> Rollouts:
+            batch_size: int = 64, prompt_len: int | None = None, impl: str = "auto",
+            controller=None) -> Rollouts:
     """Generate one response per prompt. ``prompt_len`` fixes the padded length (default: longest).
+
+    ``controller``: the ``DraftController`` of an adaptive ``spec`` (kept by the caller).
 
     The last batch is filled up by repeating its last prompt; those extra rows
     count in ``stats`` (pick ``batch_size`` dividing ``len(prompts)`` for exact stats).
@@ -82,16 +88,21 @@ def rollout(params, model_config: ModelConfig, tokenizer: Tokenizer, prompts: Se
     n = len(ids)
     bs = min(batch_size, n)
     responses: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    entropy: list[list[float]] = []
     all_stats = []
     for start in range(0, n, bs):
         chunk = ids[start:start + bs]
         chunk = chunk + [chunk[-1]] * (bs - len(chunk))
         arr, lens = pad_prompts(chunk, prompt_len, tokenizer.pad_id)
         res = generate(params, model_config, arr, lens, jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
-                       sampling=sampling, spec=spec, eos_id=tokenizer.eos_id, impl=impl)
+                       sampling=sampling, spec=spec, eos_id=tokenizer.eos_id, impl=impl, controller=controller)
         for i in range(min(bs, n - start)):
-            responses.append(res.tokens[i, :res.lengths[i]].tolist())
+            n_i = res.lengths[i]
+            responses.append(res.tokens[i, :n_i].tolist())
+            logprobs.append(res.logprobs[i, :n_i].tolist())
+            entropy.append(res.entropy[i, :n_i].tolist())
         all_stats.append(res.stats)
     texts = [tokenizer.decode(r) for r in responses]
-    return Rollouts(prompts=list(prompts), prompt_ids=ids, response_ids=responses, texts=texts,
-                    stats=_merge_stats(all_stats))
+    return Rollouts(prompts=list(prompts), prompt_ids=ids, response_ids=responses, logprobs=logprobs,
+                    entropy=entropy, texts=texts, stats=_merge_stats(all_stats))

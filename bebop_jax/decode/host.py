@@ -1,0 +1,226 @@
+"""The checked host wrappers around the on-device decoder: ``generate`` and ``continue_generate``.
+
+They validate every argument on the host (a ValueError naming it, before anything
+compiles), compile the pure decode function once per signature (a small LRU
+cache), run it, and fetch tokens, per-token log-probs / entropies and stats. With
+``SpecConfig(adaptive=True)`` a ``DraftController`` the caller keeps picks the
+draft length of each call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bebop_jax.config import ModelConfig, SpecConfig
+from bebop_jax.decode.adaptive import DraftController
+from bebop_jax.decode.decoder import DecodeOutput, DecodeState, continue_fn, generate_fn, needed_cache_len
+from bebop_jax.sampling import SamplingConfig
+
+MAX_COMPILED = 8  # compiled decode loops kept (LRU): each holds a whole while_loop executable
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    tokens: np.ndarray     # [B, max_new_tokens] int32, -1 after each row's end
+    lengths: np.ndarray    # [B] generated tokens per row (EOS included)
+    logprobs: np.ndarray   # [B, max_new_tokens] float32 behaviour log-probs, 0 after the end
+    entropy: np.ndarray    # [B, max_new_tokens] float32 sampling-distribution entropy (nats), 0 after the end
+    stats: dict
+    state: DecodeState | None = None
+
+
+def _check_configs(sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int) -> None:
+    """The checks ``generate`` and ``continue_generate`` share."""
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if not isinstance(spec, SpecConfig):
+        raise ValueError(f"spec must be a SpecConfig, got {type(spec).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
+def _check_controller(spec: SpecConfig, controller: DraftController | None) -> None:
+    if spec.adaptive and not isinstance(controller, DraftController):
+        raise ValueError("controller: spec.adaptive needs a DraftController(spec) that the caller keeps "
+                         f"between calls, got {type(controller).__name__}")
+    if spec.adaptive:
+        controller.check_spec(spec)
+
+
+def _check_ids(name: str, ids: np.ndarray, model_config: ModelConfig) -> None:
+    if np.any((ids < 0) | (ids >= model_config.vocab_size)):
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={model_config.vocab_size})")
+
+
+def validate_generate_args(model_config: ModelConfig, prompts, prompt_lens, max_new_tokens: int,
+                           spec: SpecConfig, cache_len: int | None) -> int:
+    """Checks the prompts and the cache on host values (after ``_check_configs``); returns the
+    cache length. Raises ValueError naming the argument."""
+    if spec.drafts > model_config.num_mtp_depths:
+        raise ValueError(f"spec.num_draft={spec.num_draft} exceeds the model's "
+                         f"num_mtp_depths={model_config.num_mtp_depths}")
+    if prompts.ndim != 2 or prompts.shape[1] < 1 or prompts.shape[0] < 1:
+        raise ValueError(f"prompts must be [B, P] with B, P >= 1, got shape {tuple(prompts.shape)}")
+    if not np.issubdtype(prompts.dtype, np.integer):
+        raise ValueError(f"prompts must be integer token ids, got dtype {prompts.dtype}")
+    if prompt_lens.shape != (prompts.shape[0],):
+        raise ValueError(f"prompt_lens must have shape [B] = ({prompts.shape[0]},), got {tuple(prompt_lens.shape)}")
+    if np.any(prompt_lens < 1):
+        raise ValueError(f"prompt_lens: empty prompts are not allowed (rows {np.nonzero(prompt_lens < 1)[0].tolist()})")
+    if np.any(prompt_lens > prompts.shape[1]):
+        raise ValueError(f"prompt_lens: values exceed the padded prompt length {prompts.shape[1]}")
+    _check_ids("prompts", prompts, model_config)
+    k = spec.drafts
+    needed = needed_cache_len(prompts.shape[1], max_new_tokens, spec)
+    if cache_len is None:
+        cache_len = needed
+    elif cache_len < needed:
+        raise ValueError(f"cache_len={cache_len} is too short: prompts ({prompts.shape[1]}) + max_new_tokens "
+                         f"({max_new_tokens}) + num_draft + 1 need {needed}")
+    if cache_len > model_config.max_seq_len + k + 1:
+        raise ValueError(f"prompts: padded prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} "
+                         f"exceeds ModelConfig.max_seq_len={model_config.max_seq_len}")
+    return cache_len
+
+
+def compiled(sig: tuple, build, args: tuple, donate: tuple = ()):
+    """The executable of ``build()`` for ``args``, compiled once per ``sig`` (LRU of MAX_COMPILED)."""
+    exe = _COMPILED.get(sig)
+    if exe is None:
+        exe = jax.jit(build(), donate_argnums=donate).lower(*args).compile()
+        _COMPILED[sig] = exe
+        while len(_COMPILED) > MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(sig)
+    return exe
+
+
+def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), spec: SpecConfig = SpecConfig(),
+             eos_id: int | None = None, cache_len: int | None = None, impl: str = "auto",
+             return_state: bool = False, controller: DraftController | None = None) -> GenerateResult:
+    """Generate up to ``max_new_tokens`` per row after right-padded ``prompts`` [B, P].
+
+    ``spec.method``: "none" (vanilla KV-cached sampling), "greedy" (drafts = argmax q,
+    accepted with probability p(d)) or "rejection" (drafts ~ q, exact rejection
+    sampling). Output distribution is the target's in every case. Per token:
+    ``logprobs`` and ``entropy`` of the sampling distribution. Stats hold per-depth
+    conditional acceptance, mean accepted drafts per verify step, target forwards,
+    the draft length used, and tokens per second (compile excluded). With
+    ``spec.adaptive`` the ``controller`` chooses the draft length (calibrating its
+    step costs the first time it sees this batch size) and learns from the result.
+    """
+    _check_configs(sampling, spec, max_new_tokens)
+    _check_controller(spec, controller)
+    prompts_np = np.asarray(prompts)
+    lens_np = np.asarray(prompt_lens)
+    cache_len = validate_generate_args(model_config, prompts_np, lens_np, max_new_tokens, spec, cache_len)
+    args = (params, jnp.asarray(prompts_np, jnp.int32), jnp.asarray(lens_np, jnp.int32), key)
+    run_spec = spec
+    if spec.adaptive:
+        run_spec = controller.prepare(params, model_config, args[1], args[2], key, sampling, impl=impl)
+    sig = ("generate", model_config, max_new_tokens, sampling, run_spec, eos_id, cache_len, impl, prompts_np.shape,
+           return_state)
+    build = lambda: generate_fn(model_config, max_new_tokens=max_new_tokens, sampling=sampling, spec=run_spec,
+                                eos_id=eos_id, cache_len=cache_len, impl=impl, return_state=return_state)
+    result = _run(compiled(sig, build, args), args, run_spec)
+    if spec.adaptive:
+        controller.observe(result.stats)
+        result.stats["adaptive"] = controller.report(prompts_np.shape[0])
+    return result
+
+
+def continue_generate(params, model_config: ModelConfig, state: DecodeState, new_tokens, new_lens, key, *,
+                      max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                      spec: SpecConfig = SpecConfig(), eos_id: int | None = None, impl: str = "auto",
+                      return_state: bool = False) -> GenerateResult:
+    """Append an environment turn to a returned ``state`` and generate the next response.
+
+    ``state`` comes from ``generate(..., return_state=True)`` (or from an earlier
+    continuation); ``new_tokens`` [B, T] right-padded with ``new_lens`` [B] real
+    tokens per row (0 is allowed: the row just goes on). The conversation so far is
+    not re-prefilled: the last returned token (pending in ``state``) and the new
+    tokens are fed at positions ``state.length..`` onto the cached keys and values,
+    and the result equals ``generate`` on the whole conversation. ``spec`` must
+    use the ``num_draft`` the state was made with (its MTP window caches; with
+    ``spec.adaptive``, the draft length the controller chose for that state), and the
+    state's cache (``generate``'s ``cache_len``) must have room for the new tokens,
+    ``max_new_tokens``, and ``num_draft + 1`` scratch slots. Returned ``tokens`` hold
+    only the newly generated tokens. ``state`` is donated (its caches are updated in
+    place on accelerators): use the returned state, not the one passed in.
+    """
+    _check_configs(sampling, spec, max_new_tokens)
+    if not isinstance(state, DecodeState):
+        raise ValueError(f"state must be the DecodeState of generate(..., return_state=True), "
+                         f"got {type(state).__name__}")
+    k = len(state.mtp_cache)
+    if spec.adaptive and k <= spec.num_draft:
+        spec = spec.with_draft(k)  # the draft length this conversation was started with
+    if k != spec.drafts:
+        raise ValueError(f"spec: the state was made with num_draft={k} (0 = method 'none'); "
+                         f"continue with the same, got num_draft={spec.drafts}")
+    tokens_np, lens_np = np.asarray(new_tokens), np.asarray(new_lens)
+    b, cache_len = state.seq.shape
+    if tokens_np.ndim != 2 or tokens_np.shape[0] != b or not np.issubdtype(tokens_np.dtype, np.integer):
+        raise ValueError(f"new_tokens must be integer ids of shape [B={b}, T], got {tokens_np.dtype} "
+                         f"{tuple(tokens_np.shape)}")
+    _check_ids("new_tokens", tokens_np, model_config)
+    if lens_np.shape != (b,) or np.any(lens_np < 0) or np.any(lens_np > tokens_np.shape[1]):
+        raise ValueError(f"new_lens must have shape [B] = ({b},) with values in [0, {tokens_np.shape[1]}], "
+                         f"got {lens_np.tolist()}")
+    needed = int(np.max(np.asarray(state.length))) + 1 + tokens_np.shape[1] + max_new_tokens + k + 1
+    if needed > cache_len:
+        raise ValueError(f"cache_len: the state's cache holds {cache_len} positions; continuing needs {needed} "
+                         f"(conversation + new_tokens + max_new_tokens + num_draft + 1). Pass a larger "
+                         f"cache_len to the first generate call.")
+    sig = ("continue", model_config, max_new_tokens, sampling, spec, eos_id, impl, tokens_np.shape, cache_len,
+           return_state)
+    args = (params, state, jnp.asarray(tokens_np, jnp.int32), jnp.asarray(lens_np, jnp.int32), key)
+    build = lambda: continue_fn(model_config, max_new_tokens=max_new_tokens, sampling=sampling, spec=spec,
+                                eos_id=eos_id, impl=impl, return_state=return_state)
+    return _run(compiled(sig, build, args, donate=(1,)), args, spec)
+
+
+def decode_stats(out: DecodeOutput, k: int, method: str) -> dict:
+    """Host stats of a fetched DecodeOutput (numpy arrays), for ``k`` drafts per step."""
+    lengths = np.asarray(out.lengths)
+    verify = np.asarray(out.verify_steps)
+    row_steps = int(verify.sum())
+    accepted = np.asarray(out.depth_accepted).sum(axis=0)[:k]
+    attempted = np.asarray(out.depth_attempted).sum(axis=0)[:k]
+    return {
+        "method": method,
+        "num_draft": k,
+        "per_depth_acceptance": (accepted / np.maximum(attempted, 1)).tolist(),
+        "mean_accepted": float(np.asarray(out.accepted).sum()) / max(row_steps, 1) if k else 0.0,
+        "target_forwards": int(out.steps) + 1,
+        # tokens each row got per target forward it took part in (the prefill emits one)
+        "tokens_per_forward": float(lengths.sum()) / (row_steps + len(lengths)),
+        "tokens_generated": int(lengths.sum()),
+        "row_steps": row_steps,                  # verify steps summed over live rows
+        "accepted_counts": accepted.tolist(),    # depth j accepted
+        "attempted_counts": attempted.tolist(),  # depth j reached
+    }
+
+
+def _run(exe, args: tuple, spec: SpecConfig) -> GenerateResult:
+    """Run a compiled decode function and gather tokens, per-token values and stats on the host."""
+    t0 = time.perf_counter()
+    out = exe(*args)
+    state = out.state
+    host = jax.device_get(dataclasses.replace(out, state=None))
+    seconds = time.perf_counter() - t0
+    stats = decode_stats(host, spec.drafts, spec.method)
+    stats["seconds"] = seconds
+    stats["tokens_per_second"] = stats["tokens_generated"] / max(seconds, 1e-9)
+    return GenerateResult(tokens=np.asarray(host.tokens), lengths=np.asarray(host.lengths),
+                          logprobs=np.asarray(host.logprobs), entropy=np.asarray(host.entropy), stats=stats,
+                          state=state)
