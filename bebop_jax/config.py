@@ -253,3 +253,46 @@ class TrainConfig:
         _positive_ints(self, "batch_size", "num_steps", "log_every", "ckpt_every")
         _check(isinstance(self.seq_len, int) and self.seq_len >= 2, "TrainConfig", "seq_len",
                f"must be an int >= 2, got {self.seq_len!r}")
+
+
+def _finite_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO-family policy loss (GRPO, DAPO clip-higher, Dr. GRPO); see ``bebop_jax.rl``.
+
+    The ratio is clipped to [1 - clip_low, 1 + clip_high]; ``is_cap`` caps the
+    decoupled-PPO behaviour weight; ``updates_per_batch`` optimizer updates per rollout batch.
+    """
+
+    group_size: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: str = "token-mean"
+    std_normalize: bool = True
+    kl_coef: float = 0.0
+    is_cap: float = 2.0
+    updates_per_batch: int = 1
+
+    def __post_init__(self):
+        from bebop_jax.rl.objective import AGGREGATIONS  # here, not at module level: rl imports config
+
+        cls = "GRPOConfig"
+        _check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
+               and self.group_size >= 2, cls, "group_size",
+               f"must be an int >= 2 (a group compares samples of one prompt), got {self.group_size!r}")
+        _check(_finite_real(self.clip_low) and 0 <= self.clip_low < 1, cls, "clip_low",
+               f"must be in [0, 1), got {self.clip_low!r}")
+        _check(_finite_real(self.clip_high) and self.clip_high >= 0, cls, "clip_high",
+               f"must be finite and >= 0, got {self.clip_high!r}")
+        _check(self.aggregation in AGGREGATIONS, cls, "aggregation",
+               f"must be one of {sorted(AGGREGATIONS)}, got {self.aggregation!r}")
+        _check(isinstance(self.std_normalize, bool), cls, "std_normalize",
+               f"must be a bool, got {self.std_normalize!r}")
+        _check(_finite_real(self.kl_coef) and self.kl_coef >= 0, cls, "kl_coef",
+               f"must be finite and >= 0, got {self.kl_coef!r}")
+        _check(_finite_real(self.is_cap) and self.is_cap > 0, cls, "is_cap",
+               f"must be finite and > 0, got {self.is_cap!r}")
+        _positive_ints(self, "updates_per_batch")

@@ -55,6 +55,18 @@ BAD = [
     (C.SpecConfig, dict(num_draft=True), "num_draft"),
     (C.SpecConfig, dict(method="none", adaptive=True), "adaptive"),  # nothing to adapt
     (C.SpecConfig, dict(method="rejection", adaptive=1), "adaptive"),
+    # GRPOConfig
+    (C.GRPOConfig, dict(group_size=1), "group_size"),
+    (C.GRPOConfig, dict(group_size=True), "group_size"),
+    (C.GRPOConfig, dict(clip_low=-0.1), "clip_low"),
+    (C.GRPOConfig, dict(clip_low=1.0), "clip_low"),
+    (C.GRPOConfig, dict(clip_high=-0.1), "clip_high"),
+    (C.GRPOConfig, dict(aggregation="sequence-mean"), "aggregation"),
+    (C.GRPOConfig, dict(std_normalize=1), "std_normalize"),
+    (C.GRPOConfig, dict(kl_coef=-0.01), "kl_coef"),
+    (C.GRPOConfig, dict(is_cap=0.0), "is_cap"),
+    (C.GRPOConfig, dict(is_cap=INF), "is_cap"),
+    (C.GRPOConfig, dict(updates_per_batch=0), "updates_per_batch"),
     # OptimizerConfig
     (C.OptimizerConfig, dict(learning_rate=0.0), "learning_rate"),
     (C.OptimizerConfig, dict(warmup_steps=-1), "warmup_steps"),
@@ -94,7 +106,7 @@ UNCHECKED = {
 }
 
 CONFIG_CLASSES = (C.ModelConfig, C.MTPConfig, C.SpecConfig, C.OptimizerConfig, C.MeshConfig,
-                  C.TrainConfig, SamplingConfig)
+                  C.TrainConfig, SamplingConfig, C.GRPOConfig)
 
 
 def test_every_config_dataclass_is_listed():
