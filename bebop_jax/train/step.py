@@ -163,11 +163,18 @@ def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelC
     return total, metrics
 
 
-def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, mtp_config: MTPConfig,
+LossFn = Callable[[dict, dict, Any], tuple[Array, dict]]  # (trainable, frozen, batch) -> (loss, metrics)
+
+
+def mtp_loss(model_config: ModelConfig, mtp_config: MTPConfig) -> LossFn:
+    """The loss of MTP / base training (``loss_fn``) for these configs."""
+    return functools.partial(loss_fn, model_config=model_config, mtp_config=mtp_config)
+
+
+def train_step(state: TrainState, batch: Any, *, loss: LossFn,
                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer step on the trained parameters. Pure: jit it (see ``make_train_step``)."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_config=model_config,
-                                                   mtp_config=mtp_config), has_aux=True)
+    """One optimizer step of ``loss`` on the trained parameters. Pure: jit it (see ``make_step``)."""
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, state.frozen, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -210,26 +217,37 @@ def validate_batch(batch: Batch, model_config: ModelConfig, mesh: Mesh | None = 
                              f"data*fsdp = {rows} of the mesh")
 
 
-def make_train_step(model_config: ModelConfig, mtp_config: MTPConfig,
-                    optimizer: optax.GradientTransformation, state: TrainState,
-                    mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """Jit ``train_step`` with explicit shardings and the state donated.
+def make_step(loss: LossFn, optimizer: optax.GradientTransformation, state: TrainState, mesh: Mesh, *,
+              batch_shardings: Any = None, validate: Callable[[Any], None] | None = None
+              ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """Jit ``train_step`` of ``loss`` with explicit shardings and the state donated.
 
     The state keeps the shardings it already has (parameters placed by the rules
-    table, optimizer moments alongside them); batches are split over data and
-    fsdp; metrics come back replicated.
+    table, optimizer moments alongside them); ``batch_shardings`` (a pytree prefix of
+    the batch; default: every array [B, T] with rows split over data x fsdp) places
+    the batch; metrics come back replicated. ``validate(batch)`` runs on the host
+    before each call. Every kind of training (MTP, base, RL) goes through this one
+    program builder: what differs is the loss function.
     """
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = functools.partial(train_step, model_config=model_config, mtp_config=mtp_config,
-                             optimizer=optimizer)
-    # one sharding for every batch array (a pytree prefix): rows split over data x fsdp
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+    step = functools.partial(train_step, loss=loss, optimizer=optimizer)
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh) if batch_shardings is None
+                                         else batch_shardings),
                      out_shardings=(state_shardings, NamedSharding(mesh, P())),
                      donate_argnums=(0,))
 
-    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        validate_batch(batch, model_config, mesh, mtp_config)
+    def run(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        if validate is not None:
+            validate(batch)
         return jitted(state, batch)
 
     run.jitted = jitted  # for .lower(...).compile() / memory_analysis()
     return run
+
+
+def make_train_step(model_config: ModelConfig, mtp_config: MTPConfig,
+                    optimizer: optax.GradientTransformation, state: TrainState,
+                    mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The MTP / base training step (``make_step`` of ``mtp_loss``), batches checked on the host."""
+    return make_step(mtp_loss(model_config, mtp_config), optimizer, state, mesh,
+                     validate=lambda batch: validate_batch(batch, model_config, mesh, mtp_config))
