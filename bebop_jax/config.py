@@ -296,3 +296,40 @@ class GRPOConfig:
         _check(_finite_real(self.is_cap) and self.is_cap > 0, cls, "is_cap",
                f"must be finite and > 0, got {self.is_cap!r}")
         _positive_ints(self, "updates_per_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The RL loop: rollouts per step, evaluation, checkpoints, and the MTP strategy.
+
+    Each step samples ``group_size`` (GRPOConfig) responses to ``prompts_per_step``
+    training prompts at ``temperature``, in decode calls of ``decode_batch`` rows.
+    ``mtp_strategy`` is validated against ``bebop_jax.rl.strategies.STRATEGIES``.
+    """
+
+    num_steps: int = 60
+    prompts_per_step: int = 16
+    max_new_tokens: int = 96
+    prompt_len: int = 64            # prompts are padded to this (one compiled decode shape)
+    temperature: float = 1.0
+    decode_batch: int = 128
+    max_turns: int = 1              # assistant turns per episode of a multi-turn task
+    eval_every: int = 20            # held-out accuracy every N steps (and before / after)
+    eval_prompts: int = 128         # held-out prompts per task
+    eval_samples: int = 4           # T = 1 samples per held-out prompt
+    ckpt_every: int = 10
+    seed: int = 0
+    mtp_strategy: str = "frozen"
+
+    def __post_init__(self):
+        from bebop_jax.rl.strategies import STRATEGIES  # here, not at module level: rl imports config
+
+        cls = "RLConfig"
+        _positive_ints(self, "num_steps", "prompts_per_step", "max_new_tokens", "prompt_len", "decode_batch",
+                       "max_turns", "eval_every", "eval_prompts", "eval_samples", "ckpt_every")
+        _check(_finite_real(self.temperature) and self.temperature > 0, cls, "temperature",
+               f"must be > 0 (RL needs a sampling distribution), got {self.temperature!r}")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), cls, "seed",
+               f"must be an int, got {self.seed!r}")
+        _check(self.mtp_strategy in STRATEGIES, cls, "mtp_strategy",
+               f"must be one of {sorted(STRATEGIES)}, got {self.mtp_strategy!r}")

@@ -111,7 +111,7 @@ def pretrain_base(args: BaseArgs) -> dict:
                               config_keys=("model", "tasks", "difficulty", "train", "optimizer", "tokenizer",
                                            "pack"))
         params = result.state.all_params
-        save_policy(run_dir / "policy", args.model, params)
+        save_policy(run_dir / "policy", args.model, params, mtp_heads_trained=False)
         acc = evaluate_accuracy(params, args.model, tokenizer, tasks, eval_examples, args.eval_temperatures,
                                 args.max_new_tokens, jax.random.key(train_seed + 1))
         for name, by_t in acc.items():

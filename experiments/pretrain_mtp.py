@@ -181,7 +181,7 @@ def train_mtp(args: MTPArgs, loss: str, heads, base_params, model_config, datase
                           ckpt_dir=str(run_dir / name / "checkpoints"), ckpt_every=args.train.ckpt_every,
                           logger=logger, config=cfg, log_every=args.train.log_every, desc=name, tb_prefix=name)
     params = result.state.all_params
-    save_policy(run_dir / name / "policy", model_config, params)
+    save_policy(run_dir / name / "policy", model_config, params, mtp_heads_trained=True)
     if args.hf_checkpoint and export:  # a real model: also hand back HF safetensors with the mtp.* heads
         export_hf_checkpoint(model_config, params, run_dir / name / "hf", overwrite=True)
     return params

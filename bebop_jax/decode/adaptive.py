@@ -96,6 +96,17 @@ class DraftController:
         return {"draft_length": self.chosen[-1] if self.chosen else None, "alpha": self.alpha.tolist(),
                 "cost": self._costs_for(batch).tolist(), "expected_speedup": self.speedups(batch).tolist()}
 
+    def state_dict(self) -> dict:
+        """JSON-able state, for a checkpoint (a resumed run keeps its estimates and costs)."""
+        return {"accepted": self._accepted.tolist(), "attempted": self._attempted.tolist(),
+                "costs": {str(b): c.tolist() for b, c in self.costs.items()}, "chosen": list(self.chosen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._accepted = np.asarray(state["accepted"], np.float64)
+        self._attempted = np.asarray(state["attempted"], np.float64)
+        self.costs = {int(b): np.asarray(c, np.float64) for b, c in state["costs"].items()}
+        self.chosen = list(state["chosen"])
+
     def check_spec(self, spec: SpecConfig) -> None:
         if spec != self.spec:
             raise ValueError(f"controller: made for {self.spec}, used with {spec}")

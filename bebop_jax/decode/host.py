@@ -33,6 +33,8 @@ class GenerateResult:
     logprobs: np.ndarray   # [B, max_new_tokens] float32 behaviour log-probs, 0 after the end
     entropy: np.ndarray    # [B, max_new_tokens] float32 sampling-distribution entropy (nats), 0 after the end
     stats: dict
+    accepted: np.ndarray | None = None      # [B] drafts accepted per row (summed over its verify steps)
+    verify_steps: np.ndarray | None = None  # [B] verify steps each row was live in
     state: DecodeState | None = None
 
 
@@ -223,4 +225,4 @@ def _run(exe, args: tuple, spec: SpecConfig) -> GenerateResult:
     stats["tokens_per_second"] = stats["tokens_generated"] / max(seconds, 1e-9)
     return GenerateResult(tokens=np.asarray(host.tokens), lengths=np.asarray(host.lengths),
                           logprobs=np.asarray(host.logprobs), entropy=np.asarray(host.entropy), stats=stats,
-                          state=state)
+                          accepted=np.asarray(host.accepted), verify_steps=np.asarray(host.verify_steps), state=state)

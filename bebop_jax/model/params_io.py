@@ -1,6 +1,8 @@
 """Saving and loading a policy (config + parameters) as a small-scale checkpoint.
 
-Layout of a policy directory: ``model_config.json`` and ``params/`` (orbax).
+Layout of a policy directory: ``model_config.json``, ``params/`` (orbax) and, when the
+writer knows it, ``policy_info.json`` (``{"mtp_heads_trained": bool}``: a pretrain_base
+policy carries untrained heads, which a speculative decoder could use but never profit from).
 Loading checks the config first, so a checkpoint of another model shape fails
 with a message naming the differing fields before any array is read.
 """
@@ -21,18 +23,28 @@ from bebop_jax.model import abstract_params, shard_params_for
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+INFO_FILE = "policy_info.json"
 
 
-def save_policy(path: str | Path, model_config: ModelConfig, params: Any) -> Path:
+def save_policy(path: str | Path, model_config: ModelConfig, params: Any, *,
+                mtp_heads_trained: bool | None = None) -> Path:
     """Write ``model_config.json`` and ``params/`` under ``path`` (params written first)."""
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / PARAMS_DIR, params, force=True)
+    if mtp_heads_trained is not None:
+        (path / INFO_FILE).write_text(json.dumps({"mtp_heads_trained": bool(mtp_heads_trained)}))
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
     tmp.replace(path / CONFIG_FILE)  # the config appears only once the params are complete
     return path
+
+
+def read_policy_info(path: str | Path) -> dict:
+    """``policy_info.json`` of a policy directory ({} when its writer did not record it)."""
+    info = Path(path) / INFO_FILE
+    return json.loads(info.read_text()) if info.is_file() else {}
 
 
 def read_model_config(path: str | Path) -> ModelConfig:

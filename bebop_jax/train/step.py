@@ -91,6 +91,12 @@ def init_train_state(params: dict, mtp_config: MTPConfig, optimizer: optax.Gradi
     Each optimizer moment takes its parameter's sharding; scalars are replicated.
     """
     trainable, frozen = split_params(params, mtp_config.mode)
+    return train_state_for(trainable, frozen, optimizer, mesh)
+
+
+def train_state_for(trainable: dict, frozen: dict, optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
+    """A step-0 state training ``trainable`` with ``frozen`` held fixed (no optimizer state for it)."""
     replicated = NamedSharding(mesh, P())
     param_sh = jax.tree.map(lambda x: x.sharding, trainable)
     abstract = jax.eval_shape(optimizer.init, trainable)

@@ -1,0 +1,74 @@
+"""The RL update's loss as a ``LossFn`` for ``train.step.make_step``, and policy log-probs.
+
+The learner's log-prob of token t is log softmax(logits[t-1] / temperature)[x_t], the
+trunk's distribution at the rollout temperature (top-k / top-p are a sampler's
+device, not the policy's: leave them off for RL rollouts so behaviour and learner
+log-probs describe the same distribution). Only the trunk runs: the MTP heads are
+not part of the policy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from bebop_jax.config import GRPOConfig, ModelConfig
+from bebop_jax.model import Policy
+from bebop_jax.rl.batch import RolloutBatch
+from bebop_jax.rl.objective import policy_loss, token_mean
+from bebop_jax.train.step import merge_params
+
+Array = jax.Array
+
+
+def trunk_logits(params, model_config: ModelConfig, tokens_BxT: Array) -> Array:
+    b, t = tokens_BxT.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    _, logits, _ = Policy(model_config).apply({"params": params}, tokens_BxT, positions, None, method=Policy.trunk)
+    return logits
+
+
+def sequence_logprobs(logits_BxTxV: Array, tokens_BxT: Array, temperature: float) -> tuple[Array, Array]:
+    """(log p(x_t | x_<t) [B,T], entropy of that distribution [B,T]); column 0 is 0 (no prediction)."""
+    logp_all = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32) / jnp.float32(temperature), axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    pad = jnp.zeros_like(logp[:, :1])
+    return jnp.concatenate([pad, logp], axis=1), jnp.concatenate([pad, ent], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "temperature"))
+def policy_logprobs(params, tokens_BxT: Array, *, model_config: ModelConfig, temperature: float) -> Array:
+    """[B, T] log-probs of ``tokens`` under ``params`` (old / reference log-probs on the train mesh)."""
+    return sequence_logprobs(trunk_logits(params, model_config, tokens_BxT), tokens_BxT, temperature)[0]
+
+
+def loss_from_logits(logits_BxTxV: Array, batch: RolloutBatch, grpo: GRPOConfig, temperature: float, *,
+                     decoupled: bool) -> tuple[Array, dict]:
+    """``policy_loss`` of a batch given the policy's logits (so tests can differentiate w.r.t. them)."""
+    logp, ent = sequence_logprobs(logits_BxTxV, batch.tokens, temperature)
+    old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp
+    loss, metrics = policy_loss(logp, old, batch.advantages, batch.loss_mask, grpo, ref_logp=batch.ref_logp,
+                                behaviour_logp=batch.behaviour_logp if decoupled else None)
+    metrics = {f"policy/{k}": v for k, v in metrics.items()}
+    metrics["policy/entropy"] = jax.lax.stop_gradient(token_mean(ent, batch.loss_mask))
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def grpo_loss(model_config: ModelConfig, grpo: GRPOConfig, temperature: float, *, decoupled: bool = False):
+    """``(trainable, frozen, batch) -> (loss, metrics)``: the GRPO policy loss of the trunk.
+
+    ``decoupled``: weight tokens by min(exp(old - behaviour), is_cap) (async RL, where the
+    behaviour policy lags the proximal one); off for synchronous RL.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature: RL needs a sampling distribution (> 0), got {temperature}")
+
+    def loss(trainable, frozen, batch: RolloutBatch):
+        logits = trunk_logits(merge_params(trainable, frozen), model_config, batch.tokens)
+        return loss_from_logits(logits, batch, grpo, temperature, decoupled=decoupled)
+
+    return loss

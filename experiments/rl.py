@@ -1,0 +1,133 @@
+"""GRPO with speculative rollouts, from a pretrain_mtp policy (or a Qwen3 checkpoint).
+
+    python experiments/rl.py                           # small defaults (2-core CPU), after pretrain_mtp
+    python experiments/rl.py --spec.method none        # the same run with vanilla rollouts
+    python experiments/rl.py --hf_checkpoint DIR --tasks gsm_symbolic --mesh.fsdp -1
+    python experiments/rl.py --help
+
+The rollouts go through the speculative decoder with the policy's pre-RL MTP heads
+(frozen: no online MTP update). Writes RUN_DIR/results.json (history per step, held-out
+accuracy before / after), the trained policy (RUN_DIR/policy), TensorBoard scalars,
+metrics.jsonl and checkpoints: rerun the same command after a crash to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bebop_jax.config import GRPOConfig, MeshConfig, OptimizerConfig, RLConfig, SpecConfig  # noqa: E402
+from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from bebop_jax.model.hf import load_hf_checkpoint, mtp_modules_in_checkpoint  # noqa: E402
+from bebop_jax.model.params_io import load_policy, read_policy_info, save_policy  # noqa: E402
+from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
+from bebop_jax.rl.loop import run_grpo  # noqa: E402
+from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
+from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
+from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
+
+DEFAULT_POLICY = "runs/pretrain_mtp/mtp_e2e_tv/policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLArgs:
+    run_dir: str = "runs/rl"
+    policy_dir: str = DEFAULT_POLICY     # a pretrain_mtp (or pretrain_base) policy directory
+    hf_checkpoint: str | None = None     # a Hugging Face Qwen3 directory instead (tokenizer read from it)
+    tokenizer: str = "byte"              # with --policy_dir
+    tasks: tuple[str, ...] = ("arithmetic",)
+    difficulty: int = 1
+    rl: RLConfig = RLConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    spec: SpecConfig = SpecConfig(method="rejection", num_draft=3)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-4, warmup_steps=5, decay_steps=60,
+                                                 min_lr_ratio=1.0, weight_decay=0.0)
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in list_tasks()]
+        if unknown:
+            raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
+        if not self.tasks:
+            raise ValueError("tasks: give at least one")
+
+
+def policy_source(args: RLArgs) -> str:
+    """The directory to load, checked before anything is written (one error line otherwise)."""
+    if args.hf_checkpoint:
+        if not os.path.isdir(args.hf_checkpoint):
+            raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r}: no such directory")
+        if args.spec.drafts and not mtp_modules_in_checkpoint(args.hf_checkpoint):
+            raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r} ships no mtp.* heads to draft with: "
+                            "train them with experiments/pretrain_mtp.py, or pass --spec.method none")
+        return args.hf_checkpoint
+    path = args.policy_dir
+    if os.path.isdir(os.path.join(path, "policy")):
+        path = os.path.join(path, "policy")
+    if not os.path.isfile(os.path.join(path, "model_config.json")):
+        if args.policy_dir == DEFAULT_POLICY:
+            raise UserError(f"no policy at {DEFAULT_POLICY}: run `python experiments/pretrain_mtp.py` first, "
+                            "or pass --policy_dir")
+        raise UserError(f"--policy_dir {args.policy_dir!r}: no policy checkpoint (model_config.json + params/)")
+    if args.spec.drafts and read_policy_info(path).get("mtp_heads_trained") is False:
+        raise UserError(f"--policy_dir {args.policy_dir!r} has no trained MTP heads (a pretrain_base policy): "
+                        "pass a pretrain_mtp policy, or --spec.method none")
+    return path
+
+
+def load(args: RLArgs, path: str, mesh):
+    if args.hf_checkpoint:
+        cfg, params = load_hf_checkpoint(path, mesh)
+        return cfg, params, load_tokenizer(path)
+    cfg, params = load_policy(path, mesh)
+    return cfg, params, load_tokenizer(args.tokenizer)
+
+
+def main(args: RLArgs) -> dict:
+    maybe_initialize_distributed()
+    source = policy_source(args)
+    run_dir = prepare_run_dir(args.run_dir)
+    mesh = make_mesh(args.mesh)
+    model_config, params, tokenizer = load(args, source, mesh)
+    tasks = [get_task(name, difficulty=args.difficulty) for name in args.tasks]
+    config = {k: v for k, v in config_dict(args).items() if k != "run_dir"}
+    with MetricLogger(run_dir) as logger:
+        result = run_grpo(params, model_config, tokenizer, tasks, rl=args.rl, grpo=args.grpo, spec=args.spec,
+                          optimizer=args.optimizer, mesh=mesh, run_dir=run_dir, logger=logger, config=config)
+    heads = bool(mtp_modules_in_checkpoint(source)) if args.hf_checkpoint else read_policy_info(source).get("mtp_heads_trained")
+    save_policy(run_dir / "policy", model_config, result.state.all_params, mtp_heads_trained=heads)
+    evals = result.evals
+    results = {"history": result.history,
+               "eval": {"before": evals["0"], "after": evals[str(args.rl.num_steps)]},
+               "eval_curve": {int(s): v for s, v in evals.items()},
+               "config": config}
+    write_results_json(run_dir, results)
+    print_summary(args, results)
+    return results
+
+
+def print_summary(args: RLArgs, results: dict) -> None:
+    hist = results["history"]
+    rows = []
+    for step, acc in sorted(results["eval_curve"].items()):
+        window = [h for h in hist if step - args.rl.eval_every < h["step"] <= step] if step else []
+        mean = lambda key: sum(h[key] for h in window) / len(window) if window else None
+        rows.append([step, acc["greedy"], acc["T1"], mean("reward"), mean("entropy"), mean("mean_accepted"),
+                     sum(h["rollout_seconds"] for h in window) if window else None,
+                     sum(h["train_seconds"] for h in window) if window else None])
+    print_table(rows, ["step", "held-out greedy", "held-out T=1", "train reward", "entropy", "E[accepted]",
+                       "rollout s", "train s"],
+                title=f"GRPO on {', '.join(args.tasks)}: spec={args.spec.method} K={args.spec.num_draft}"
+                      f"{' adaptive' if args.spec.adaptive else ''}, {args.rl.prompts_per_step} prompts x "
+                      f"{args.grpo.group_size} samples per step (train columns: means over the steps since "
+                      f"the previous row)", float_format="{:.3f}")
+    b, a = results["eval"]["before"], results["eval"]["after"]
+    print(f"held-out accuracy: greedy {b['greedy']:.3f} -> {a['greedy']:.3f} ({100 * (a['greedy'] - b['greedy']):+.1f}"
+          f" points), T=1 {b['T1']:.3f} -> {a['T1']:.3f} ({100 * (a['T1'] - b['T1']):+.1f} points)")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(parse(RLArgs)))
