@@ -320,6 +320,7 @@ class RLConfig:
     ckpt_every: int = 10
     seed: int = 0
     mtp_strategy: str = "frozen"
+    mtp_learning_rate: float = 1e-3  # the heads' optimizer under an online MTP strategy
 
     def __post_init__(self):
         from bebop_jax.rl.strategies import STRATEGIES  # here, not at module level: rl imports config
@@ -333,3 +334,5 @@ class RLConfig:
                f"must be an int, got {self.seed!r}")
         _check(self.mtp_strategy in STRATEGIES, cls, "mtp_strategy",
                f"must be one of {sorted(STRATEGIES)}, got {self.mtp_strategy!r}")
+        _check(_finite_real(self.mtp_learning_rate) and self.mtp_learning_rate > 0, cls, "mtp_learning_rate",
+               f"must be > 0, got {self.mtp_learning_rate!r}")

@@ -25,6 +25,7 @@ from bebop_jax.model.hf import load_hf_checkpoint, mtp_modules_in_checkpoint  # 
 from bebop_jax.model.params_io import load_policy, read_policy_info, save_policy  # noqa: E402
 from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
 from bebop_jax.rl.loop import run_grpo  # noqa: E402
+from bebop_jax.rl.strategies import STRATEGIES  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
 from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
 from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
@@ -57,12 +58,15 @@ class RLArgs:
 
 def policy_source(args: RLArgs) -> str:
     """The directory to load, checked before anything is written (one error line otherwise)."""
+    online = STRATEGIES[args.rl.mtp_strategy].mtp_loss is not None
+    use = " and ".join(what for what, needed in (("speculative rollouts", args.spec.drafts > 0),
+                                                (f"--rl.mtp-strategy {args.rl.mtp_strategy}", online)) if needed)
     if args.hf_checkpoint:
         if not os.path.isdir(args.hf_checkpoint):
             raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r}: no such directory")
-        if args.spec.drafts and not mtp_modules_in_checkpoint(args.hf_checkpoint):
-            raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r} ships no mtp.* heads to draft with: "
-                            "train them with experiments/pretrain_mtp.py, or pass --spec.method none")
+        if use and not mtp_modules_in_checkpoint(args.hf_checkpoint):
+            raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r} ships no mtp.* heads for {use}: train them "
+                            "with experiments/pretrain_mtp.py, or pass --spec.method none (and the frozen strategy)")
         return args.hf_checkpoint
     path = args.policy_dir
     if os.path.isdir(os.path.join(path, "policy")):
@@ -72,9 +76,9 @@ def policy_source(args: RLArgs) -> str:
             raise UserError(f"no policy at {DEFAULT_POLICY}: run `python experiments/pretrain_mtp.py` first, "
                             "or pass --policy_dir")
         raise UserError(f"--policy_dir {args.policy_dir!r}: no policy checkpoint (model_config.json + params/)")
-    if args.spec.drafts and read_policy_info(path).get("mtp_heads_trained") is False:
-        raise UserError(f"--policy_dir {args.policy_dir!r} has no trained MTP heads (a pretrain_base policy): "
-                        "pass a pretrain_mtp policy, or --spec.method none")
+    if use and read_policy_info(path).get("mtp_heads_trained") is False:
+        raise UserError(f"--policy_dir {args.policy_dir!r} has no trained MTP heads (a pretrain_base policy) for "
+                        f"{use}: pass a pretrain_mtp policy, or --spec.method none (and the frozen strategy)")
     return path
 
 

@@ -67,6 +67,22 @@ BAD = [
     (C.GRPOConfig, dict(is_cap=0.0), "is_cap"),
     (C.GRPOConfig, dict(is_cap=INF), "is_cap"),
     (C.GRPOConfig, dict(updates_per_batch=0), "updates_per_batch"),
+    # RLConfig
+    (C.RLConfig, dict(num_steps=0), "num_steps"),
+    (C.RLConfig, dict(prompts_per_step=0), "prompts_per_step"),
+    (C.RLConfig, dict(max_new_tokens=0), "max_new_tokens"),
+    (C.RLConfig, dict(prompt_len=0), "prompt_len"),
+    (C.RLConfig, dict(temperature=0.0), "temperature"),  # RL needs a sampling distribution
+    (C.RLConfig, dict(temperature=INF), "temperature"),
+    (C.RLConfig, dict(decode_batch=0), "decode_batch"),
+    (C.RLConfig, dict(max_turns=0), "max_turns"),
+    (C.RLConfig, dict(eval_every=0), "eval_every"),
+    (C.RLConfig, dict(eval_prompts=0), "eval_prompts"),
+    (C.RLConfig, dict(eval_samples=0), "eval_samples"),
+    (C.RLConfig, dict(ckpt_every=0), "ckpt_every"),
+    (C.RLConfig, dict(seed=1.5), "seed"),
+    (C.RLConfig, dict(mtp_strategy="online_mse"), "mtp_strategy"),
+    (C.RLConfig, dict(mtp_learning_rate=0.0), "mtp_learning_rate"),
     # OptimizerConfig
     (C.OptimizerConfig, dict(learning_rate=0.0), "learning_rate"),
     (C.OptimizerConfig, dict(warmup_steps=-1), "warmup_steps"),
@@ -106,7 +122,7 @@ UNCHECKED = {
 }
 
 CONFIG_CLASSES = (C.ModelConfig, C.MTPConfig, C.SpecConfig, C.OptimizerConfig, C.MeshConfig,
-                  C.TrainConfig, SamplingConfig, C.GRPOConfig)
+                  C.TrainConfig, SamplingConfig, C.GRPOConfig, C.RLConfig)
 
 
 def test_every_config_dataclass_is_listed():

@@ -136,9 +136,15 @@ class Policy(nn.Module):
         hidden, logits, _ = self.trunk(tokens_BxT, positions)
         if freeze_trunk:
             logits = jax.lax.stop_gradient(logits)
-        h = maybe_stop(hidden, freeze_trunk)  # detach the trunk; depths still chain gradients
+        mtp_logits = self.mtp_stack(hidden, tokens_BxT, positions, frozen=freeze_trunk)
+        return PolicyOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits)
+
+    def mtp_stack(self, hidden_BxTxH: Array, tokens_BxT: Array, positions_BxT: Array, frozen: bool = False) -> Array:
+        """Every depth's teacher-forced drafts [B,T,K,V] from the trunk hidden; ``frozen`` detaches the
+        trunk (hidden, embedding, LM head) so no MTP gradient reaches it."""
+        h = maybe_stop(hidden_BxTxH, frozen)  # detach the trunk; depths still chain gradients
         mtp_logits = []
         for k in range(1, self.config.num_mtp_depths + 1):
-            h, lg, _ = self.mtp_depth(k, h, shift_tokens(tokens_BxT, k), positions, frozen=freeze_trunk)
+            h, lg, _ = self.mtp_depth(k, h, shift_tokens(tokens_BxT, k), positions_BxT, frozen=frozen)
             mtp_logits.append(lg)
-        return PolicyOutput(logits=logits, hidden=hidden, mtp_logits=jnp.stack(mtp_logits, axis=2))
+        return jnp.stack(mtp_logits, axis=2)

@@ -33,7 +33,7 @@ from bebop_jax.tasks import Task
 from bebop_jax.train.checkpoint import Checkpointer
 from bebop_jax.train.loop import abstract_like
 from bebop_jax.train.metrics_log import MetricLogger, Progress
-from bebop_jax.train.step import make_optimizer, make_step, train_state_for
+from bebop_jax.train.step import make_step, train_state_for
 
 
 def has_mtp_heads(params) -> bool:
@@ -59,18 +59,18 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
              grpo: GRPOConfig, spec: SpecConfig, optimizer: OptimizerConfig, mesh: Mesh, run_dir,
              logger: MetricLogger | None, config: dict, log=print) -> RLResult:
     """Train ``params`` (placed on ``mesh``) with GRPO for ``rl.num_steps`` steps, resuming from RUN_DIR."""
-    if spec.drafts and not has_mtp_heads(params):
-        raise ValueError(f"spec.method={spec.method!r}: the policy has no MTP heads to draft with; "
-                         "use --spec.method none or a policy trained by pretrain_mtp")
     strategy = STRATEGIES[rl.mtp_strategy]
+    if (spec.drafts or strategy.mtp_loss) and not has_mtp_heads(params):
+        raise ValueError(f"spec.method={spec.method!r}, rl.mtp_strategy={strategy.name!r}: the policy has no MTP "
+                         "heads; use --spec.method none with the frozen strategy, or a policy trained by pretrain_mtp")
     trainable, frozen = strategy.split(params)
-    opt = make_optimizer(optimizer)
+    opt = strategy.optimizer(optimizer, rl.mtp_learning_rate, trainable)
     state = train_state_for(trainable, frozen, opt, mesh)
     worker = RolloutWorker(model_config, tokenizer, max_new_tokens=rl.max_new_tokens, prompt_len=rl.prompt_len,
                            sampling=SamplingConfig(temperature=rl.temperature), spec=spec,
                            decode_batch=rl.decode_batch, max_turns=rl.max_turns)
     template = _template(rl, grpo, worker.seq_len)
-    step_fn = make_step(grpo_loss(model_config, grpo, rl.temperature), opt, state, mesh,
+    step_fn = make_step(grpo_loss(model_config, grpo, rl.temperature, mtp_loss=strategy.mtp_loss), opt, state, mesh,
                         batch_shardings=template.shardings(mesh),
                         validate=lambda b: b.validate(model_config, grpo.group_size, mesh))
     schedule = PromptSchedule(tasks, rl.prompts_per_step, seed=rl.seed)
@@ -115,7 +115,8 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
                 placed = batch.on(mesh)
                 for _ in range(grpo.updates_per_batch):
                     state, metrics = step_fn(state, placed)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()  # per-depth MTP metrics
+                           for k, v in jax.device_get(metrics).items()}
                 train_seconds = time.perf_counter() - t0
                 entry = _entry(step + 1, ro, metrics, train_seconds)
                 history.append(entry)
@@ -150,6 +151,8 @@ def _entry(step: int, ro, metrics: dict, train_seconds: float) -> dict:
         "loss": metrics["loss"],
         "policy": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("policy/")},
         "grad_norm": metrics["grad_norm"],
+        **({"mtp": mtp} if (mtp := {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("mtp/")})
+           else {}),
     }
 
 
@@ -157,5 +160,7 @@ def _scalars(entry: dict) -> dict:
     out = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
     out.update({f"acceptance_depth_{i + 1}": a for i, a in enumerate(entry["per_depth_acceptance"])})
     out.update({f"policy/{k}": v for k, v in entry["policy"].items()})
+    for k, v in entry.get("mtp", {}).items():
+        out.update({f"mtp/{k}_{i + 1}": x for i, x in enumerate(v)} if isinstance(v, list) else {f"mtp/{k}": v})
     out.update({f"reward/{k}": v for k, v in entry["reward_by_task"].items()})
     return out

@@ -3,8 +3,8 @@
 The learner's log-prob of token t is log softmax(logits[t-1] / temperature)[x_t], the
 trunk's distribution at the rollout temperature (top-k / top-p are a sampler's
 device, not the policy's: leave them off for RL rollouts so behaviour and learner
-log-probs describe the same distribution). Only the trunk runs: the MTP heads are
-not part of the policy.
+log-probs describe the same distribution). The MTP heads are not part of the policy:
+they run only under an online MTP strategy, on detached inputs.
 """
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ from bebop_jax.config import GRPOConfig, ModelConfig
 from bebop_jax.model import Policy
 from bebop_jax.rl.batch import RolloutBatch
 from bebop_jax.rl.objective import policy_loss, token_mean
-from bebop_jax.train.step import merge_params
+from bebop_jax.train.step import merge_params, mtp_head_loss
 
 Array = jax.Array
 
 
-def trunk_logits(params, model_config: ModelConfig, tokens_BxT: Array) -> Array:
+def _positions(tokens_BxT: Array) -> Array:
     b, t = tokens_BxT.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    _, logits, _ = Policy(model_config).apply({"params": params}, tokens_BxT, positions, None, method=Policy.trunk)
-    return logits
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def trunk_forward(params, model_config: ModelConfig, tokens_BxT: Array) -> tuple[Array, Array]:
+    """(hidden [B,T,H], logits [B,T,V]) of the trunk."""
+    hidden, logits, _ = Policy(model_config).apply({"params": params}, tokens_BxT, _positions(tokens_BxT), None,
+                                                   method=Policy.trunk)
+    return hidden, logits
 
 
 def sequence_logprobs(logits_BxTxV: Array, tokens_BxT: Array, temperature: float) -> tuple[Array, Array]:
@@ -42,7 +47,7 @@ def sequence_logprobs(logits_BxTxV: Array, tokens_BxT: Array, temperature: float
 @functools.partial(jax.jit, static_argnames=("model_config", "temperature"))
 def policy_logprobs(params, tokens_BxT: Array, *, model_config: ModelConfig, temperature: float) -> Array:
     """[B, T] log-probs of ``tokens`` under ``params`` (old / reference log-probs on the train mesh)."""
-    return sequence_logprobs(trunk_logits(params, model_config, tokens_BxT), tokens_BxT, temperature)[0]
+    return sequence_logprobs(trunk_forward(params, model_config, tokens_BxT)[1], tokens_BxT, temperature)[0]
 
 
 def loss_from_logits(logits_BxTxV: Array, batch: RolloutBatch, grpo: GRPOConfig, temperature: float, *,
@@ -58,17 +63,29 @@ def loss_from_logits(logits_BxTxV: Array, batch: RolloutBatch, grpo: GRPOConfig,
     return loss, metrics
 
 
-def grpo_loss(model_config: ModelConfig, grpo: GRPOConfig, temperature: float, *, decoupled: bool = False):
+def grpo_loss(model_config: ModelConfig, grpo: GRPOConfig, temperature: float, *, decoupled: bool = False,
+              mtp_loss: str | None = None):
     """``(trainable, frozen, batch) -> (loss, metrics)``: the GRPO policy loss of the trunk.
 
     ``decoupled``: weight tokens by min(exp(old - behaviour), is_cap) (async RL, where the
-    behaviour policy lags the proximal one); off for synchronous RL.
+    behaviour policy lags the proximal one); off for synchronous RL. ``mtp_loss`` (an
+    online MTP strategy): add that loss of the MTP heads on the rollout tokens, their
+    inputs detached from the trunk, so it trains the heads and nothing else.
     """
     if not temperature > 0:
         raise ValueError(f"temperature: RL needs a sampling distribution (> 0), got {temperature}")
 
     def loss(trainable, frozen, batch: RolloutBatch):
-        logits = trunk_logits(merge_params(trainable, frozen), model_config, batch.tokens)
-        return loss_from_logits(logits, batch, grpo, temperature, decoupled=decoupled)
+        params = merge_params(trainable, frozen)
+        hidden, logits = trunk_forward(params, model_config, batch.tokens)
+        value, metrics = loss_from_logits(logits, batch, grpo, temperature, decoupled=decoupled)
+        if mtp_loss is None:
+            return value, metrics
+        drafts = Policy(model_config).apply({"params": params}, hidden, batch.tokens, _positions(batch.tokens),
+                                            frozen=True, method=Policy.mtp_stack)
+        head_loss, head_metrics = mtp_head_loss(logits, drafts, batch.tokens, batch.loss_mask, mtp_loss, temperature)
+        metrics.update(head_metrics)
+        metrics["loss"] = value + head_loss
+        return value + head_loss, metrics
 
     return loss

@@ -94,15 +94,29 @@ def init_train_state(params: dict, mtp_config: MTPConfig, optimizer: optax.Gradi
     return train_state_for(trainable, frozen, optimizer, mesh)
 
 
+def _moment_shardings(abstract_opt_state: Any, params: dict, fallback: NamedSharding) -> Any:
+    """Each optimizer-state leaf takes the sharding of the parameter it mirrors: the one whose
+    key path ends its own path with the same shape (moments of ``multi_transform`` /
+    ``masked`` groups included); anything else (counts) gets ``fallback``."""
+    by_path = {tuple(str(k) for k in path): leaf
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def sharding(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for start in range(len(keys)):
+            param = by_path.get(keys[start:])
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return fallback
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_opt_state)
+
+
 def train_state_for(trainable: dict, frozen: dict, optimizer: optax.GradientTransformation,
                     mesh: Mesh) -> TrainState:
     """A step-0 state training ``trainable`` with ``frozen`` held fixed (no optimizer state for it)."""
     replicated = NamedSharding(mesh, P())
-    param_sh = jax.tree.map(lambda x: x.sharding, trainable)
-    abstract = jax.eval_shape(optimizer.init, trainable)
-    # Moments mirror the param tree; anything else in the optimizer state (counts) is replicated.
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    opt_sh = _moment_shardings(jax.eval_shape(optimizer.init, trainable), trainable, replicated)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
     return TrainState(step=step, params=trainable, frozen=frozen, opt_state=opt_state)
@@ -137,6 +151,21 @@ def next_token_ce(logits_BxTxV: Array, tokens_BxT: Array, mask_BxT: Array) -> Ar
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)
 
 
+def mtp_head_loss(trunk_logits_BxTxV: Array, mtp_logits_BxTxKxV: Array, tokens_BxT: Array, loss_mask_BxT: Array,
+                  loss: str, temperature: float) -> tuple[Array, dict]:
+    """The MTP loss ``loss`` of the heads against the (stop-gradient) trunk; metrics prefixed ``mtp/``."""
+    target, labels, weights = mtp_targets(trunk_logits_BxTxV, tokens_BxT, loss_mask_BxT,
+                                          mtp_logits_BxTxKxV.shape[2])
+    target = jax.lax.stop_gradient(target)
+    if loss == "ce":
+        value, metrics = losses.ce_loss(labels, mtp_logits_BxTxKxV, weights, temperature, target_logits=target)
+    else:
+        value, metrics = losses.LOSSES[loss](target, mtp_logits_BxTxKxV, weights, temperature)
+    metrics = {f"mtp/{k}": v for k, v in metrics.items()}
+    metrics["mtp/loss"] = value
+    return value, metrics
+
+
 def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelConfig,
             mtp_config: MTPConfig) -> tuple[Array, dict]:
     tokens, loss_mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
@@ -150,16 +179,8 @@ def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelC
         return ce, {"trunk/ce": ce, "loss": ce}
     freeze = mtp_config.mode == "mtp_only"
     out = Policy(model_config).apply({"params": params}, tokens, freeze_trunk=freeze)
-    target, labels, weights = mtp_targets(out.logits, tokens, loss_mask, model_config.num_mtp_depths)
-    target = jax.lax.stop_gradient(target)
-    if mtp_config.loss == "ce":
-        mtp_loss, metrics = losses.ce_loss(labels, out.mtp_logits, weights, mtp_config.temperature,
-                                           target_logits=target)
-    else:
-        mtp_loss, metrics = losses.LOSSES[mtp_config.loss](target, out.mtp_logits, weights,
-                                                           mtp_config.temperature)
-    metrics = {f"mtp/{k}": v for k, v in metrics.items()}
-    metrics["mtp/loss"] = mtp_loss
+    mtp_loss, metrics = mtp_head_loss(out.logits, out.mtp_logits, tokens, loss_mask, mtp_config.loss,
+                                      mtp_config.temperature)
     total = mtp_loss
     if mtp_config.mode == "joint":
         trunk_ce = next_token_ce(out.logits, tokens, loss_mask)
