@@ -303,7 +303,9 @@ class RLConfig:
     """The RL loop: rollouts per step, evaluation, checkpoints, and the MTP strategy.
 
     Each step samples ``group_size`` (GRPOConfig) responses to ``prompts_per_step``
-    training prompts at ``temperature``, in decode calls of ``decode_batch`` rows.
+    training prompts at ``temperature``, in decode calls of ``decode_batch`` rows. With
+    ``async_rollouts`` they are sampled by a producer thread (on ``rollout_devices`` of
+    their own, when set) up to ``max_staleness`` policy versions ahead of the learner.
     ``mtp_strategy`` is validated against ``bebop_jax.rl.strategies.STRATEGIES``.
     """
 
@@ -321,6 +323,9 @@ class RLConfig:
     seed: int = 0
     mtp_strategy: str = "frozen"
     mtp_learning_rate: float = 1e-3  # the heads' optimizer under an online MTP strategy
+    async_rollouts: bool = False    # a producer thread samples the next batches while the learner trains
+    max_staleness: int = 1          # async: batch i is sampled with policy version i - max_staleness
+    rollout_devices: int = 0        # async: the first N devices form the rollout mesh (0: share all)
 
     def __post_init__(self):
         from bebop_jax.rl.strategies import STRATEGIES  # here, not at module level: rl imports config
@@ -336,3 +341,10 @@ class RLConfig:
                f"must be one of {sorted(STRATEGIES)}, got {self.mtp_strategy!r}")
         _check(_finite_real(self.mtp_learning_rate) and self.mtp_learning_rate > 0, cls, "mtp_learning_rate",
                f"must be > 0, got {self.mtp_learning_rate!r}")
+        _check(isinstance(self.async_rollouts, bool), cls, "async_rollouts", f"must be a bool, got {self.async_rollouts!r}")
+        for name in ("max_staleness", "rollout_devices"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, cls, name,
+                   f"must be an int >= 0, got {value!r}")
+        _check(self.async_rollouts or self.rollout_devices == 0, cls, "rollout_devices",
+               "a separate rollout mesh needs async_rollouts=True (synchronous RL samples on the train mesh)")

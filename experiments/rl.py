@@ -2,6 +2,8 @@
 
     python experiments/rl.py                           # small defaults (2-core CPU), after pretrain_mtp
     python experiments/rl.py --spec.method none        # the same run with vanilla rollouts
+    python experiments/rl.py --rl.async-rollouts       # rollouts of the next batch overlap training
+    python experiments/rl.py --rl.async-rollouts --rl.rollout-devices 4   # on a mesh of their own
     python experiments/rl.py --hf_checkpoint DIR --tasks gsm_symbolic --mesh.fsdp -1
     python experiments/rl.py --help
 
@@ -23,8 +25,9 @@ from bebop_jax.config import GRPOConfig, MeshConfig, OptimizerConfig, RLConfig, 
 from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from bebop_jax.model.hf import load_hf_checkpoint, mtp_modules_in_checkpoint  # noqa: E402
 from bebop_jax.model.params_io import load_policy, read_policy_info, save_policy  # noqa: E402
-from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
+from bebop_jax.parallel import maybe_initialize_distributed  # noqa: E402
 from bebop_jax.rl.loop import run_grpo  # noqa: E402
+from bebop_jax.rl.meshes import rl_meshes  # noqa: E402
 from bebop_jax.rl.strategies import STRATEGIES  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
 from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
@@ -94,13 +97,14 @@ def main(args: RLArgs) -> dict:
     maybe_initialize_distributed()
     source = policy_source(args)
     run_dir = prepare_run_dir(args.run_dir)
-    mesh = make_mesh(args.mesh)
+    rollout_mesh, mesh = rl_meshes(args.rl.rollout_devices, args.mesh)
     model_config, params, tokenizer = load(args, source, mesh)
     tasks = [get_task(name, difficulty=args.difficulty) for name in args.tasks]
     config = {k: v for k, v in config_dict(args).items() if k != "run_dir"}
     with MetricLogger(run_dir) as logger:
         result = run_grpo(params, model_config, tokenizer, tasks, rl=args.rl, grpo=args.grpo, spec=args.spec,
-                          optimizer=args.optimizer, mesh=mesh, run_dir=run_dir, logger=logger, config=config)
+                          optimizer=args.optimizer, mesh=mesh, rollout_mesh=rollout_mesh, run_dir=run_dir,
+                          logger=logger, config=config)
     heads = bool(mtp_modules_in_checkpoint(source)) if args.hf_checkpoint else read_policy_info(source).get("mtp_heads_trained")
     save_policy(run_dir / "policy", model_config, result.state.all_params, mtp_heads_trained=heads)
     evals = result.evals

@@ -83,6 +83,10 @@ BAD = [
     (C.RLConfig, dict(seed=1.5), "seed"),
     (C.RLConfig, dict(mtp_strategy="online_mse"), "mtp_strategy"),
     (C.RLConfig, dict(mtp_learning_rate=0.0), "mtp_learning_rate"),
+    (C.RLConfig, dict(async_rollouts=1), "async_rollouts"),
+    (C.RLConfig, dict(max_staleness=-1), "max_staleness"),
+    (C.RLConfig, dict(rollout_devices=-1), "rollout_devices"),
+    (C.RLConfig, dict(rollout_devices=4), "rollout_devices"),  # a rollout mesh needs async rollouts
     # OptimizerConfig
     (C.OptimizerConfig, dict(learning_rate=0.0), "learning_rate"),
     (C.OptimizerConfig, dict(warmup_steps=-1), "warmup_steps"),

@@ -16,10 +16,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.decode.adaptive import DraftController
 from bebop_jax.decode.decoder import DecodeOutput, DecodeState, continue_fn, generate_fn, needed_cache_len
+from bebop_jax.parallel import batch_sharding
 from bebop_jax.sampling import SamplingConfig
 
 MAX_COMPILED = 8  # compiled decode loops kept (LRU): each holds a whole while_loop executable
@@ -93,7 +96,9 @@ def validate_generate_args(model_config: ModelConfig, prompts, prompt_lens, max_
 
 
 def compiled(sig: tuple, build, args: tuple, donate: tuple = ()):
-    """The executable of ``build()`` for ``args``, compiled once per ``sig`` (LRU of MAX_COMPILED)."""
+    """The executable of ``build()`` for ``args``, compiled once per ``sig`` and placement of the
+    arguments (LRU of MAX_COMPILED)."""
+    sig = sig + (tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(args)),)
     exe = _COMPILED.get(sig)
     if exe is None:
         exe = jax.jit(build(), donate_argnums=donate).lower(*args).compile()
@@ -108,7 +113,8 @@ def compiled(sig: tuple, build, args: tuple, donate: tuple = ()):
 def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), spec: SpecConfig = SpecConfig(),
              eos_id: int | None = None, cache_len: int | None = None, impl: str = "auto",
-             return_state: bool = False, controller: DraftController | None = None) -> GenerateResult:
+             return_state: bool = False, controller: DraftController | None = None,
+             mesh: Mesh | None = None) -> GenerateResult:
     """Generate up to ``max_new_tokens`` per row after right-padded ``prompts`` [B, P].
 
     ``spec.method``: "none" (vanilla KV-cached sampling), "greedy" (drafts = argmax q,
@@ -119,13 +125,15 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
     the draft length used, and tokens per second (compile excluded). With
     ``spec.adaptive`` the ``controller`` chooses the draft length (calibrating its
     step costs the first time it sees this batch size) and learns from the result.
+    ``mesh``: run on this mesh (e.g. a rollout sub-mesh that ``params`` live on), rows
+    split over its data x fsdp axes; every process passes the same prompts.
     """
     _check_configs(sampling, spec, max_new_tokens)
     _check_controller(spec, controller)
     prompts_np = np.asarray(prompts)
     lens_np = np.asarray(prompt_lens)
     cache_len = validate_generate_args(model_config, prompts_np, lens_np, max_new_tokens, spec, cache_len)
-    args = (params, jnp.asarray(prompts_np, jnp.int32), jnp.asarray(lens_np, jnp.int32), key)
+    args = (params, *on_mesh((prompts_np.astype(np.int32), lens_np.astype(np.int32)), key, mesh))
     run_spec = spec
     if spec.adaptive:
         run_spec = controller.prepare(params, model_config, args[1], args[2], key, sampling, impl=impl)
@@ -143,7 +151,7 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
 def continue_generate(params, model_config: ModelConfig, state: DecodeState, new_tokens, new_lens, key, *,
                       max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                       spec: SpecConfig = SpecConfig(), eos_id: int | None = None, impl: str = "auto",
-                      return_state: bool = False) -> GenerateResult:
+                      return_state: bool = False, mesh: Mesh | None = None) -> GenerateResult:
     """Append an environment turn to a returned ``state`` and generate the next response.
 
     ``state`` comes from ``generate(..., return_state=True)`` (or from an earlier
@@ -185,7 +193,7 @@ def continue_generate(params, model_config: ModelConfig, state: DecodeState, new
                          f"cache_len to the first generate call.")
     sig = ("continue", model_config, max_new_tokens, sampling, spec, eos_id, impl, tokens_np.shape, cache_len,
            return_state)
-    args = (params, state, jnp.asarray(tokens_np, jnp.int32), jnp.asarray(lens_np, jnp.int32), key)
+    args = (params, state, *on_mesh((tokens_np.astype(np.int32), lens_np.astype(np.int32)), key, mesh))
     build = lambda: continue_fn(model_config, max_new_tokens=max_new_tokens, sampling=sampling, spec=spec,
                                 eos_id=eos_id, impl=impl, return_state=return_state)
     return _run(compiled(sig, build, args, donate=(1,)), args, spec)
@@ -213,12 +221,30 @@ def decode_stats(out: DecodeOutput, k: int, method: str) -> dict:
     }
 
 
+def on_mesh(rows: tuple[np.ndarray, ...], key, mesh: Mesh | None) -> tuple:
+    """Host row arrays (and the key) as the decoder's inputs: on ``mesh`` rows split over its
+    data x fsdp axes and the key replicated, built from each process's identical copy."""
+    if mesh is None:
+        return (*(jnp.asarray(x) for x in rows), key)
+    placed = tuple(jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda i, x=x: x[i])
+                   for x in rows)
+    return (*placed, jax.device_put(key, NamedSharding(mesh, P())))
+
+
+def fetch(tree):
+    """Device arrays to host numpy, gathering across processes when a mesh spans several."""
+    leaves = jax.tree.leaves(tree)
+    if all(x.is_fully_addressable for x in leaves if isinstance(x, jax.Array)):
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _run(exe, args: tuple, spec: SpecConfig) -> GenerateResult:
     """Run a compiled decode function and gather tokens, per-token values and stats on the host."""
     t0 = time.perf_counter()
     out = exe(*args)
     state = out.state
-    host = jax.device_get(dataclasses.replace(out, state=None))
+    host = fetch(dataclasses.replace(out, state=None))
     seconds = time.perf_counter() - t0
     stats = decode_stats(host, spec.drafts, spec.method)
     stats["seconds"] = seconds

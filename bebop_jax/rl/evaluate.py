@@ -23,7 +23,7 @@ def heldout_accuracy(params, worker: RolloutWorker, eval_sets: list[tuple[Task, 
     for i, (task, examples) in enumerate(eval_sets):
         out = {}
         for name, temp, n in (("greedy", 0.0, 1), ("T1", 1.0, samples)):
-            w = worker.variant(SamplingConfig(temperature=temp), spec)
+            w = worker.variant(SamplingConfig(temperature=temp), spec)  # on the worker's mesh
             rows, _, _ = w.episodes(params, [(task, e) for e in examples for _ in range(n)], jax.random.fold_in(key, i))
             out[name] = float(np.mean([r.reward for r in rows]))
         by_task[task.name] = out

@@ -26,7 +26,10 @@ from bebop_jax.rl.batch import RolloutBatch
 from bebop_jax.rl.evaluate import heldout_accuracy
 from bebop_jax.rl.loss import grpo_loss, policy_logprobs
 from bebop_jax.rl.prompts import PromptSchedule
-from bebop_jax.rl.rollout import RolloutWorker
+from bebop_jax.model import shard_params_for
+from bebop_jax.rl.producer import RolloutProducer
+from bebop_jax.rl.rollout import Rollout, RolloutWorker
+from bebop_jax.rl.weights import WeightStore
 from bebop_jax.rl.strategies import STRATEGIES
 from bebop_jax.sampling import SamplingConfig
 from bebop_jax.tasks import Task
@@ -45,53 +48,70 @@ class RLResult:
     state: object
     history: list[dict]
     evals: dict[str, dict]  # step (as a string) -> held-out accuracy
+    counters: dict          # dropped_batches (older than max_staleness: never trained on), max_policy_lag
 
 
-def _template(rl: RLConfig, grpo: GRPOConfig, seq_len: int) -> RolloutBatch:
-    """The batch's structure (for its shardings): old_logp only with several updates per batch."""
-    n = rl.prompts_per_step * grpo.group_size
-    z = np.zeros((n, seq_len), np.float32)
+def _template(n_rows: int, seq_len: int, with_old: bool) -> RolloutBatch:
+    """A batch's structure (for its shardings)."""
+    z = np.zeros((n_rows, seq_len), np.float32)
     return RolloutBatch(tokens=z.astype(np.int32), loss_mask=z, advantages=z[:, 0], behaviour_logp=z,
-                        version=np.zeros((), np.int32), old_logp=z if grpo.updates_per_batch > 1 else None)
+                        version=np.zeros((), np.int32), old_logp=z if with_old else None)
 
 
 def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: list[Task], *, rl: RLConfig,
              grpo: GRPOConfig, spec: SpecConfig, optimizer: OptimizerConfig, mesh: Mesh, run_dir,
-             logger: MetricLogger | None, config: dict, log=print) -> RLResult:
-    """Train ``params`` (placed on ``mesh``) with GRPO for ``rl.num_steps`` steps, resuming from RUN_DIR."""
+             logger: MetricLogger | None, config: dict, rollout_mesh: Mesh | None = None, log=print) -> RLResult:
+    """Train ``params`` (placed on the train ``mesh``) with GRPO for ``rl.num_steps`` steps, resuming
+    from RUN_DIR. With ``rl.async_rollouts`` a producer thread samples on ``rollout_mesh``
+    (default: the train mesh) up to ``rl.max_staleness`` policy versions ahead."""
     strategy = STRATEGIES[rl.mtp_strategy]
     if (spec.drafts or strategy.mtp_loss) and not has_mtp_heads(params):
         raise ValueError(f"spec.method={spec.method!r}, rl.mtp_strategy={strategy.name!r}: the policy has no MTP "
                          "heads; use --spec.method none with the frozen strategy, or a policy trained by pretrain_mtp")
+    rollout_mesh = mesh if rollout_mesh is None else rollout_mesh
     trainable, frozen = strategy.split(params)
     opt = strategy.optimizer(optimizer, rl.mtp_learning_rate, trainable)
     state = train_state_for(trainable, frozen, opt, mesh)
     worker = RolloutWorker(model_config, tokenizer, max_new_tokens=rl.max_new_tokens, prompt_len=rl.prompt_len,
                            sampling=SamplingConfig(temperature=rl.temperature), spec=spec,
-                           decode_batch=rl.decode_batch, max_turns=rl.max_turns)
-    template = _template(rl, grpo, worker.seq_len)
-    step_fn = make_step(grpo_loss(model_config, grpo, rl.temperature, mtp_loss=strategy.mtp_loss), opt, state, mesh,
-                        batch_shardings=template.shardings(mesh),
-                        validate=lambda b: b.validate(model_config, grpo.group_size, mesh))
+                           decode_batch=rl.decode_batch, max_turns=rl.max_turns, mesh=rollout_mesh)
+    n_rows = rl.prompts_per_step * grpo.group_size
+
+    def step_for(decoupled: bool, with_old: bool):
+        template = _template(n_rows, worker.seq_len, with_old)
+        return make_step(grpo_loss(model_config, grpo, rl.temperature, decoupled=decoupled,
+                                   mtp_loss=strategy.mtp_loss), opt, state, mesh,
+                         batch_shardings=template.shardings(mesh),
+                         validate=lambda b: b.validate(model_config, grpo.group_size, mesh))
+
+    several = grpo.updates_per_batch > 1
+    on_policy_step = step_for(decoupled=False, with_old=several)
+    stale_step = step_for(decoupled=True, with_old=True)  # compiled only if a stale batch comes
     schedule = PromptSchedule(tasks, rl.prompts_per_step, seed=rl.seed)
     eval_sets = [(t, t.examples("test", rl.eval_prompts, seed=rl.seed)) for t in tasks]
     worker.check_prompts([e for pool in schedule.pools for e in pool] + [e for _, ex in eval_sets for e in ex])
+    eval_worker = worker.variant(worker.sampling, worker.spec, mesh=mesh)
     key, eval_key = jax.random.key(rl.seed), jax.random.key(rl.seed + 1)
 
+    def sample(index: int, version: int, rollout_params) -> Rollout:
+        return worker.sample(rollout_params, schedule.at(index), jax.random.fold_in(key, index),
+                             group_size=grpo.group_size, version=version, std_normalize=grpo.std_normalize)
+
     def evaluate(step: int) -> dict:
-        acc = heldout_accuracy(state.all_params, worker, eval_sets, eval_key, samples=rl.eval_samples)
+        acc = heldout_accuracy(state.all_params, eval_worker, eval_sets, eval_key, samples=rl.eval_samples)
         if logger is not None:
             logger.log(step, {"greedy": acc["greedy"], "T1": acc["T1"]}, prefix="eval/accuracy")
         return acc
 
     history: list[dict] = []
     evals: dict[str, dict] = {}
+    counters = {"dropped_batches": 0, "max_policy_lag": 0}
     start = 0
     with Checkpointer(Path(run_dir) / "checkpoints", keep=2, save_interval_steps=rl.ckpt_every) as ckpt:
         restored = ckpt.restore_latest(abstract_like(state), config=config)
         if restored is not None:
             state, start = restored.state, restored.step
-            history, evals = restored.extra["history"], restored.extra["evals"]
+            history, evals, counters = restored.extra["history"], restored.extra["evals"], restored.extra["counters"]
             if worker.controller is not None:
                 worker.controller.load_state_dict(restored.extra["controller"])
             log(f"resumed from step {start} of {rl.num_steps} ({ckpt.directory})")
@@ -100,35 +120,86 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
             log(f"held-out accuracy before RL: greedy {evals['0']['greedy']:.3f}, T=1 {evals['0']['T1']:.3f}")
 
         def extra() -> dict:
-            return {"history": history, "evals": evals, "config": config,
+            return {"history": history, "evals": evals, "config": config, "counters": counters,
                     "controller": worker.controller.state_dict() if worker.controller is not None else None}
 
-        with Progress(rl.num_steps - start, "rl", unit="step") as bar:
-            for step in range(start, rl.num_steps):
-                ro = worker.sample(state.all_params, schedule.at(step), jax.random.fold_in(key, step),
-                                   group_size=grpo.group_size, version=step, std_normalize=grpo.std_normalize)
-                batch = ro.batch
+        source = _BatchSource(rl, sample, worker, mesh, rollout_mesh, start, lambda: state.all_params)
+        with source, Progress(rl.num_steps - start, "rl", unit="step") as bar:
+            step = start
+            last_version = -1
+            while step < rl.num_steps:
+                t_wait = time.perf_counter()
+                index, version, ro = source.next()
+                wait_seconds = time.perf_counter() - t_wait
+                if version < last_version:
+                    raise RuntimeError(f"policy versions went backwards: batch {index} has version {version} "
+                                       f"after {last_version}")
+                last_version, lag = version, step - version
+                if lag > rl.max_staleness:
+                    counters["dropped_batches"] += 1  # never trained on
+                    continue
+                counters["max_policy_lag"] = max(counters["max_policy_lag"], lag)
                 t0 = time.perf_counter()
-                if grpo.updates_per_batch > 1:  # the proximal policy, fixed over this batch's updates
+                batch = ro.batch
+                if lag or several:  # the proximal policy (this learner's), fixed over the batch's updates
                     batch = dataclasses.replace(batch, old_logp=np.asarray(policy_logprobs(
                         state.all_params, batch.tokens, model_config=model_config, temperature=rl.temperature)))
+                step_fn = stale_step if lag else on_policy_step
                 placed = batch.on(mesh)
                 for _ in range(grpo.updates_per_batch):
                     state, metrics = step_fn(state, placed)
                 metrics = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()  # per-depth MTP metrics
                            for k, v in jax.device_get(metrics).items()}
-                train_seconds = time.perf_counter() - t0
-                entry = _entry(step + 1, ro, metrics, train_seconds)
+                step += 1
+                source.published(step, state.all_params)
+                entry = _entry(step, ro, metrics, time.perf_counter() - t0)
+                entry.update(policy_version=version, policy_lag=lag, wait_seconds=wait_seconds)
                 history.append(entry)
                 if logger is not None:
-                    logger.log(step + 1, _scalars(entry), prefix="rl")
-                if (step + 1) % rl.eval_every == 0 or step + 1 == rl.num_steps:
-                    evals[str(step + 1)] = evaluate(step + 1)
-                ckpt.save(step + 1, state, extra(), force=step + 1 == rl.num_steps)
+                    logger.log(step, _scalars(entry), prefix="rl")
+                if step % rl.eval_every == 0 or step == rl.num_steps:
+                    evals[str(step)] = evaluate(step)
+                ckpt.save(step, state, extra(), force=step == rl.num_steps)
                 last = evals[max(evals, key=int)]
                 bar.update(1, reward=entry["reward"], acc_T1=last["T1"], k=entry["draft_length"])
         ckpt.wait()
-    return RLResult(state=state, history=history, evals=evals)
+    return RLResult(state=state, history=history, evals=evals, counters=counters)
+
+
+class _BatchSource:
+    """Where the learner's batches come from: sampled inline with the current policy
+    (synchronous RL), or by a ``RolloutProducer`` on the rollout mesh (async RL)."""
+
+    def __init__(self, rl: RLConfig, sample, worker: RolloutWorker, mesh: Mesh, rollout_mesh: Mesh, start: int,
+                 current_params):
+        self.rl, self._sample, self._current = rl, sample, current_params
+        self._index = start
+        self.producer = None
+        if rl.async_rollouts:
+            self.weights = WeightStore(shard_params_for(worker.model_config, rollout_mesh))
+            self.weights.publish(start, current_params())
+            self.producer = RolloutProducer(sample, self.weights, start=start, max_staleness=rl.max_staleness,
+                                            first_version=start)
+
+    def next(self) -> tuple[int, int, Rollout]:
+        if self.producer is not None:
+            return self.producer.get()
+        index, self._index = self._index, self._index + 1
+        return index, index, self._sample(index, index, self._current())
+
+    def published(self, version: int, params) -> None:
+        """The learner finished update ``version``: make those weights available to the producer."""
+        if self.producer is not None:
+            self.weights.publish(version, params)
+
+    def __enter__(self) -> "_BatchSource":
+        if self.producer is not None:
+            self.producer.start_thread()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.producer is not None:
+            self.producer.close()
 
 
 def _entry(step: int, ro, metrics: dict, train_seconds: float) -> dict:

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.data.tokenizer import Tokenizer
@@ -95,7 +96,7 @@ class RolloutWorker:
 
     def __init__(self, model_config: ModelConfig, tokenizer: Tokenizer, *, max_new_tokens: int, prompt_len: int,
                  sampling: SamplingConfig, spec: SpecConfig, decode_batch: int, max_turns: int = 1,
-                 env_len: int = ENV_PAD):
+                 env_len: int = ENV_PAD, mesh: Mesh | None = None):
         if spec.drafts > model_config.num_mtp_depths:
             raise ValueError(f"spec.num_draft={spec.num_draft} exceeds the model's num_mtp_depths="
                              f"{model_config.num_mtp_depths}")
@@ -105,6 +106,7 @@ class RolloutWorker:
         self.max_new_tokens, self.prompt_len = max_new_tokens, prompt_len
         self.sampling, self.spec, self.decode_batch = sampling, spec, decode_batch
         self.max_turns, self.env_len = max_turns, -(-env_len // ENV_PAD) * ENV_PAD
+        self.mesh = mesh  # where the decoder runs (rows split over its data axes); None: the params' devices
         self.controller = DraftController(spec) if spec.adaptive else None
         self.seq_len = prompt_len + max_turns * max_new_tokens + (max_turns - 1) * self.env_len
         if self.seq_len > model_config.max_seq_len:
@@ -118,10 +120,11 @@ class RolloutWorker:
             raise ValueError(f"rl.prompt_len={self.prompt_len} is shorter than the longest prompt of the tasks "
                              f"({longest} tokens): pass --rl.prompt-len {longest}")
 
-    def variant(self, sampling: SamplingConfig, spec: SpecConfig) -> "RolloutWorker":
-        """The same worker with other sampling / spec settings (its own draft controller)."""
+    def variant(self, sampling: SamplingConfig, spec: SpecConfig, mesh: Mesh | None = None) -> "RolloutWorker":
+        """The same worker with other sampling / spec settings (its own draft controller), on ``mesh``
+        (default: this worker's)."""
         out = copy.copy(self)
-        out.sampling, out.spec = sampling, spec
+        out.sampling, out.spec, out.mesh = sampling, spec, self.mesh if mesh is None else mesh
         out.controller = DraftController(spec) if spec.adaptive else None
         return out
 
@@ -171,7 +174,7 @@ class RolloutWorker:
     def _generate(self, params, prompts, lens, key, **kwargs):
         return generate(params, self.model_config, prompts, lens, key, max_new_tokens=self.max_new_tokens,
                         sampling=self.sampling, spec=self.spec, eos_id=self.tokenizer.eos_id,
-                        controller=self.controller, **kwargs)
+                        controller=self.controller, mesh=self.mesh, **kwargs)
 
     def _episodes(self, params, items, key):
         tok = self.tokenizer
@@ -216,7 +219,8 @@ class RolloutWorker:
                 r.logp += [0.0] * len(e)
             res = continue_generate(params, self.model_config, res.state, new, new_lens,
                                     jax.random.fold_in(key, 1000 + turn), max_new_tokens=self.max_new_tokens,
-                                    sampling=self.sampling, spec=self.spec, eos_id=tok.eos_id, return_state=True)
+                                    sampling=self.sampling, spec=self.spec, eos_id=tok.eos_id, return_state=True,
+                                    mesh=self.mesh)
             stats.append(res.stats)
             texts = self._append(rows, res, skip=[r.done for r in rows])
         return rows, texts, stats

@@ -205,7 +205,7 @@ def train_step(state: TrainState, batch: Any, *, loss: LossFn,
     (_, metrics), grads = grad_fn(state.params, state.frozen, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = TrainState(step=state.step + 1, params=params, frozen=state.frozen, opt_state=opt_state)
     return new_state, metrics
 
