@@ -311,13 +311,13 @@ class RLConfig:
 
     num_steps: int = 60
     prompts_per_step: int = 16
-    max_new_tokens: int = 96
-    prompt_len: int = 64            # prompts are padded to this (one compiled decode shape)
+    max_new_tokens: int = 80
+    prompt_len: int = 56            # prompts are padded to this (one compiled decode shape)
     temperature: float = 1.0
     decode_batch: int = 128
     max_turns: int = 1              # assistant turns per episode of a multi-turn task
     eval_every: int = 20            # held-out accuracy every N steps (and before / after)
-    eval_prompts: int = 128         # held-out prompts per task
+    eval_prompts: int = 128         # held-out prompts per task (0: no held-out evaluation)
     eval_samples: int = 4           # T = 1 samples per held-out prompt
     ckpt_every: int = 10
     seed: int = 0
@@ -332,7 +332,9 @@ class RLConfig:
 
         cls = "RLConfig"
         _positive_ints(self, "num_steps", "prompts_per_step", "max_new_tokens", "prompt_len", "decode_batch",
-                       "max_turns", "eval_every", "eval_prompts", "eval_samples", "ckpt_every")
+                       "max_turns", "eval_every", "eval_samples", "ckpt_every")
+        _check(isinstance(self.eval_prompts, int) and not isinstance(self.eval_prompts, bool)
+               and self.eval_prompts >= 0, cls, "eval_prompts", f"must be an int >= 0, got {self.eval_prompts!r}")
         _check(_finite_real(self.temperature) and self.temperature > 0, cls, "temperature",
                f"must be > 0 (RL needs a sampling distribution), got {self.temperature!r}")
         _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), cls, "seed",
@@ -348,3 +350,8 @@ class RLConfig:
                    f"must be an int >= 0, got {value!r}")
         _check(self.async_rollouts or self.rollout_devices == 0, cls, "rollout_devices",
                "a separate rollout mesh needs async_rollouts=True (synchronous RL samples on the train mesh)")
+
+
+# The optimizer of the RL experiments (constant learning rate after a short warmup, no decay).
+RL_OPTIMIZER = OptimizerConfig(learning_rate=3e-4, warmup_steps=5, decay_steps=150, min_lr_ratio=1.0,
+                               weight_decay=0.0)

@@ -21,19 +21,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bebop_jax.config import GRPOConfig, MeshConfig, OptimizerConfig, RLConfig, SpecConfig  # noqa: E402
-from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.model.hf import load_hf_checkpoint, mtp_modules_in_checkpoint  # noqa: E402
-from bebop_jax.model.params_io import load_policy, read_policy_info, save_policy  # noqa: E402
+from bebop_jax.config import RL_OPTIMIZER, GRPOConfig, MeshConfig, OptimizerConfig, RLConfig, SpecConfig  # noqa: E402
+from bebop_jax.model.params_io import save_policy  # noqa: E402
 from bebop_jax.parallel import maybe_initialize_distributed  # noqa: E402
 from bebop_jax.rl.loop import run_grpo  # noqa: E402
 from bebop_jax.rl.meshes import rl_meshes  # noqa: E402
+from bebop_jax.rl.policy import DEFAULT_POLICY, load_rl_policy, resolve_policy  # noqa: E402
 from bebop_jax.rl.strategies import STRATEGIES  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
-from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
+from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main  # noqa: E402
 from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
-
-DEFAULT_POLICY = "runs/pretrain_mtp/mtp_e2e_tv/policy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +44,7 @@ class RLArgs:
     rl: RLConfig = RLConfig()
     grpo: GRPOConfig = GRPOConfig()
     spec: SpecConfig = SpecConfig(method="rejection", num_draft=3)
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-4, warmup_steps=5, decay_steps=60,
-                                                 min_lr_ratio=1.0, weight_decay=0.0)
+    optimizer: OptimizerConfig = RL_OPTIMIZER
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
@@ -57,55 +53,30 @@ class RLArgs:
             raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
         if not self.tasks:
             raise ValueError("tasks: give at least one")
+        if self.rl.eval_prompts < 1:
+            raise ValueError("rl.eval_prompts: rl.py reports held-out accuracy before and after RL; use >= 1")
 
 
-def policy_source(args: RLArgs) -> str:
-    """The directory to load, checked before anything is written (one error line otherwise)."""
+def heads_needed_for(args: RLArgs) -> str:
+    """What in this run needs trained MTP heads ('' if nothing)."""
     online = STRATEGIES[args.rl.mtp_strategy].mtp_loss is not None
-    use = " and ".join(what for what, needed in (("speculative rollouts", args.spec.drafts > 0),
-                                                (f"--rl.mtp-strategy {args.rl.mtp_strategy}", online)) if needed)
-    if args.hf_checkpoint:
-        if not os.path.isdir(args.hf_checkpoint):
-            raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r}: no such directory")
-        if use and not mtp_modules_in_checkpoint(args.hf_checkpoint):
-            raise UserError(f"--hf_checkpoint {args.hf_checkpoint!r} ships no mtp.* heads for {use}: train them "
-                            "with experiments/pretrain_mtp.py, or pass --spec.method none (and the frozen strategy)")
-        return args.hf_checkpoint
-    path = args.policy_dir
-    if os.path.isdir(os.path.join(path, "policy")):
-        path = os.path.join(path, "policy")
-    if not os.path.isfile(os.path.join(path, "model_config.json")):
-        if args.policy_dir == DEFAULT_POLICY:
-            raise UserError(f"no policy at {DEFAULT_POLICY}: run `python experiments/pretrain_mtp.py` first, "
-                            "or pass --policy_dir")
-        raise UserError(f"--policy_dir {args.policy_dir!r}: no policy checkpoint (model_config.json + params/)")
-    if use and read_policy_info(path).get("mtp_heads_trained") is False:
-        raise UserError(f"--policy_dir {args.policy_dir!r} has no trained MTP heads (a pretrain_base policy) for "
-                        f"{use}: pass a pretrain_mtp policy, or --spec.method none (and the frozen strategy)")
-    return path
-
-
-def load(args: RLArgs, path: str, mesh):
-    if args.hf_checkpoint:
-        cfg, params = load_hf_checkpoint(path, mesh)
-        return cfg, params, load_tokenizer(path)
-    cfg, params = load_policy(path, mesh)
-    return cfg, params, load_tokenizer(args.tokenizer)
+    return " and ".join(what for what, needed in (("speculative rollouts", args.spec.drafts > 0),
+                                                 (f"--rl.mtp-strategy {args.rl.mtp_strategy}", online)) if needed)
 
 
 def main(args: RLArgs) -> dict:
     maybe_initialize_distributed()
-    source = policy_source(args)
+    source = resolve_policy(args.policy_dir, args.hf_checkpoint, heads_for=heads_needed_for(args))
     run_dir = prepare_run_dir(args.run_dir)
     rollout_mesh, mesh = rl_meshes(args.rl.rollout_devices, args.mesh)
-    model_config, params, tokenizer = load(args, source, mesh)
+    model_config, params, tokenizer, heads = load_rl_policy(source, hf=bool(args.hf_checkpoint),
+                                                            tokenizer=args.tokenizer, mesh=mesh)
     tasks = [get_task(name, difficulty=args.difficulty) for name in args.tasks]
     config = {k: v for k, v in config_dict(args).items() if k != "run_dir"}
     with MetricLogger(run_dir) as logger:
         result = run_grpo(params, model_config, tokenizer, tasks, rl=args.rl, grpo=args.grpo, spec=args.spec,
                           optimizer=args.optimizer, mesh=mesh, rollout_mesh=rollout_mesh, run_dir=run_dir,
                           logger=logger, config=config)
-    heads = bool(mtp_modules_in_checkpoint(source)) if args.hf_checkpoint else read_policy_info(source).get("mtp_heads_trained")
     save_policy(run_dir / "policy", model_config, result.state.all_params, mtp_heads_trained=heads)
     evals = result.evals
     results = {"history": result.history,

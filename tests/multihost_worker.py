@@ -11,7 +11,9 @@ exactly as on a GPU cluster. Each process has 4 fake CPU devices; the global mes
   3. exports the sharded params (gathered across processes, process 0 writes);
   4. builds its host's share of the data with `make_dataset`'s default process
      sharding and assembles the global batch with
-     `jax.make_array_from_process_local_data`.
+     `jax.make_array_from_process_local_data`;
+  5. runs a few steps of async RL (max_staleness 1) with a rollout mesh and a train
+     mesh of 4 devices each, both spanning the two processes (2 devices of each).
 Results go to OUT/worker{process_id}.json (+ logits .npy).
 Run: python tests/multihost_worker.py --ckpt DIR --out DIR
 """
@@ -97,8 +99,44 @@ def main() -> None:
     except ValueError as e:
         result["numpy_batch_refused"] = "make_array_from_process_local_data" in str(e)
 
+    result.update(async_rl(args.out))
     with open(os.path.join(args.out, f"worker{pid}.json"), "w") as f:
         json.dump(result, f)
+
+
+def async_rl(out: str) -> dict:
+    """Three async GRPO steps; rollout devices {0, 1, 4, 5}, train devices {2, 3, 6, 7}."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from toy_tasks import AsciiFirst
+
+    from bebop_jax.config import GRPOConfig, MeshConfig, ModelConfig, OptimizerConfig, RLConfig, SpecConfig
+    from bebop_jax.data.tokenizer import load_tokenizer
+    from bebop_jax.model import init_params
+    from bebop_jax.rl.loop import run_grpo
+    from bebop_jax.rl.meshes import rl_meshes
+
+    d = jax.devices()
+    rollout_mesh, train_mesh = rl_meshes(4, MeshConfig(data=-1), devices=[d[0], d[1], d[4], d[5], d[2], d[3], d[6], d[7]])
+    cfg = ModelConfig.tiny(vocab_size=264, max_seq_len=64, num_mtp_depths=2)
+    params = init_params(cfg, jax.random.key(0), mesh=train_mesh)
+    rl = RLConfig(num_steps=3, prompts_per_step=4, max_new_tokens=6, prompt_len=12, decode_batch=16, eval_prompts=0,
+                  ckpt_every=1, async_rollouts=True, max_staleness=1, rollout_devices=4)
+    result = run_grpo(params, cfg, load_tokenizer("byte"), [AsciiFirst()], rl=rl, grpo=GRPOConfig(group_size=4),
+                      spec=SpecConfig("rejection", 2), optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0,
+                                                                                 decay_steps=10),
+                      mesh=train_mesh, rollout_mesh=rollout_mesh, run_dir=os.path.join(out, "rl"), logger=None,
+                      config={"multihost": 1}, log=lambda *_: None)
+    from jax.experimental import multihost_utils
+    trunk = multihost_utils.process_allgather(result.state.params["layers_0"]["mlp"]["up_proj"], tiled=True)
+    return {"rl_rewards": [h["reward"] for h in result.history],
+            "rl_lags": [h["policy_lag"] for h in result.history],
+            "rl_versions": [h["policy_version"] for h in result.history],
+            "rl_counters": result.counters, "rl_trunk_sum": float(np.asarray(trunk, np.float64).sum()),
+            "rollout_processes": sorted({dev.process_index for dev in rollout_mesh.devices.flat}),
+            "train_processes": sorted({dev.process_index for dev in train_mesh.devices.flat})}
 
 
 if __name__ == "__main__":

@@ -107,6 +107,13 @@ def test_two_processes_load_shard_export_and_split_data(tmp_path):
         assert r["global_shape"] == [4, 4]
         assert r["global_rows"] == r["shard_rows"]
         assert r["numpy_batch_refused"]
+        # async RL with both meshes spanning the processes: bounded lag, monotone versions
+        assert r["rollout_processes"] == r["train_processes"] == [0, 1]
+        assert r["rl_lags"] == [0, 1, 1] and r["rl_versions"] == [0, 0, 1], r
+        assert r["rl_counters"] == {"dropped_batches": 0, "max_policy_lag": 1}
+    # both processes saw the same rollouts and hold the same trained weights
+    assert results[0]["rl_rewards"] == results[1]["rl_rewards"]
+    assert results[0]["rl_trunk_sum"] == results[1]["rl_trunk_sum"]
     assert results[0]["local_rows"] == results[0]["shard_rows"][:2]
     assert results[1]["local_rows"] == results[1]["shard_rows"][2:]
     assert not {tuple(r) for r in results[0]["local_rows"]} & {tuple(r) for r in results[1]["local_rows"]}

@@ -16,7 +16,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bebop_jax.config import ModelConfig, SpecConfig
@@ -141,7 +140,7 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
            return_state)
     build = lambda: generate_fn(model_config, max_new_tokens=max_new_tokens, sampling=sampling, spec=run_spec,
                                 eos_id=eos_id, cache_len=cache_len, impl=impl, return_state=return_state)
-    result = _run(compiled(sig, build, args), args, run_spec)
+    result = _run(compiled(sig, build, args), args, run_spec, mesh)
     if spec.adaptive:
         controller.observe(result.stats)
         result.stats["adaptive"] = controller.report(prompts_np.shape[0])
@@ -196,7 +195,7 @@ def continue_generate(params, model_config: ModelConfig, state: DecodeState, new
     args = (params, state, *on_mesh((tokens_np.astype(np.int32), lens_np.astype(np.int32)), key, mesh))
     build = lambda: continue_fn(model_config, max_new_tokens=max_new_tokens, sampling=sampling, spec=spec,
                                 eos_id=eos_id, impl=impl, return_state=return_state)
-    return _run(compiled(sig, build, args, donate=(1,)), args, spec)
+    return _run(compiled(sig, build, args, donate=(1,)), args, spec, mesh)
 
 
 def decode_stats(out: DecodeOutput, k: int, method: str) -> dict:
@@ -228,23 +227,29 @@ def on_mesh(rows: tuple[np.ndarray, ...], key, mesh: Mesh | None) -> tuple:
         return (*(jnp.asarray(x) for x in rows), key)
     placed = tuple(jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda i, x=x: x[i])
                    for x in rows)
-    return (*placed, jax.device_put(key, NamedSharding(mesh, P())))
+    data = np.asarray(jax.random.key_data(key))
+    key_data = jax.make_array_from_callback(data.shape, NamedSharding(mesh, P()), lambda i: data[i])
+    return (*placed, jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key)))
 
 
-def fetch(tree):
-    """Device arrays to host numpy, gathering across processes when a mesh spans several."""
-    leaves = jax.tree.leaves(tree)
-    if all(x.is_fully_addressable for x in leaves if isinstance(x, jax.Array)):
+def fetch(tree, mesh: Mesh | None = None):
+    """Device arrays to host numpy. Arrays spanning processes are first replicated over their
+    own ``mesh`` (a collective of that mesh's devices only, so it cannot interleave with
+    another thread's collectives over other devices), then read locally."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)):
         return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
+    if mesh is None:
+        raise ValueError("mesh: arrays that span processes are fetched through their mesh")
+    replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated)
 
 
-def _run(exe, args: tuple, spec: SpecConfig) -> GenerateResult:
+def _run(exe, args: tuple, spec: SpecConfig, mesh: Mesh | None) -> GenerateResult:
     """Run a compiled decode function and gather tokens, per-token values and stats on the host."""
     t0 = time.perf_counter()
     out = exe(*args)
     state = out.state
-    host = fetch(dataclasses.replace(out, state=None))
+    host = fetch(dataclasses.replace(out, state=None), mesh)
     seconds = time.perf_counter() - t0
     stats = decode_stats(host, spec.drafts, spec.method)
     stats["seconds"] = seconds

@@ -37,6 +37,16 @@ class RolloutBatch:
     def batch_size(self) -> int:
         return int(self.tokens.shape[0])
 
+    def trimmed(self, multiple: int = 16) -> "RolloutBatch":
+        """Host batch without the all-padding columns beyond the longest row (rounded up to
+        ``multiple``, so few distinct shapes compile): the update costs what the tokens need."""
+        used = np.flatnonzero(np.asarray(self.loss_mask).any(axis=0))
+        width = min(self.tokens.shape[1], -(-(int(used[-1]) + 1 if used.size else 1) // multiple) * multiple)
+        cut = lambda x: None if x is None or np.ndim(x) < 2 else np.asarray(x)[:, :width]
+        return dataclasses.replace(self, tokens=cut(self.tokens), loss_mask=cut(self.loss_mask),
+                                   behaviour_logp=cut(self.behaviour_logp), old_logp=cut(self.old_logp),
+                                   ref_logp=cut(self.ref_logp))
+
     def shardings(self, mesh: Mesh) -> "RolloutBatch":
         """Rows split over data x fsdp of ``mesh``; the version replicated."""
         rows = lambda x: None if x is None else batch_sharding(mesh, np.ndim(x))
@@ -46,9 +56,10 @@ class RolloutBatch:
             old_logp=rows(self.old_logp), ref_logp=rows(self.ref_logp))
 
     def on(self, mesh: Mesh) -> "RolloutBatch":
-        """Each host's numpy rows placed as global arrays on ``mesh`` (one host: a device_put)."""
-        return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), self,
-                            self.shardings(mesh))
+        """The host batch as global arrays on ``mesh``; every process holds the same whole batch
+        (rollouts are gathered to all of them) and contributes its devices' rows."""
+        place = lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i, x=np.asarray(x): x[i])
+        return jax.tree.map(place, self, self.shardings(mesh))
 
     def validate(self, model_config: ModelConfig, group_size: int, mesh: Mesh | None = None) -> None:
         """Shape checks on the host before anything is compiled; ValueError naming the field."""

@@ -88,7 +88,7 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
     on_policy_step = step_for(decoupled=False, with_old=several)
     stale_step = step_for(decoupled=True, with_old=True)  # compiled only if a stale batch comes
     schedule = PromptSchedule(tasks, rl.prompts_per_step, seed=rl.seed)
-    eval_sets = [(t, t.examples("test", rl.eval_prompts, seed=rl.seed)) for t in tasks]
+    eval_sets = [(t, t.examples("test", rl.eval_prompts, seed=rl.seed)) for t in tasks] if rl.eval_prompts else []
     worker.check_prompts([e for pool in schedule.pools for e in pool] + [e for _, ex in eval_sets for e in ex])
     eval_worker = worker.variant(worker.sampling, worker.spec, mesh=mesh)
     key, eval_key = jax.random.key(rl.seed), jax.random.key(rl.seed + 1)
@@ -115,7 +115,7 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
             if worker.controller is not None:
                 worker.controller.load_state_dict(restored.extra["controller"])
             log(f"resumed from step {start} of {rl.num_steps} ({ckpt.directory})")
-        if "0" not in evals:
+        if eval_sets and "0" not in evals:
             evals["0"] = evaluate(0)
             log(f"held-out accuracy before RL: greedy {evals['0']['greedy']:.3f}, T=1 {evals['0']['T1']:.3f}")
 
@@ -127,6 +127,7 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
         with source, Progress(rl.num_steps - start, "rl", unit="step") as bar:
             step = start
             last_version = -1
+            t_prev = time.perf_counter()
             while step < rl.num_steps:
                 t_wait = time.perf_counter()
                 index, version, ro = source.next()
@@ -140,28 +141,33 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
                     continue
                 counters["max_policy_lag"] = max(counters["max_policy_lag"], lag)
                 t0 = time.perf_counter()
-                batch = ro.batch
+                placed = ro.batch.trimmed().on(mesh)
                 if lag or several:  # the proximal policy (this learner's), fixed over the batch's updates
-                    batch = dataclasses.replace(batch, old_logp=np.asarray(policy_logprobs(
-                        state.all_params, batch.tokens, model_config=model_config, temperature=rl.temperature)))
+                    old = policy_logprobs(state.all_params, placed.tokens, model_config=model_config,
+                                          temperature=rl.temperature)
+                    placed = dataclasses.replace(placed, old_logp=jax.device_put(old, placed.loss_mask.sharding))
                 step_fn = stale_step if lag else on_policy_step
-                placed = batch.on(mesh)
                 for _ in range(grpo.updates_per_batch):
                     state, metrics = step_fn(state, placed)
                 metrics = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()  # per-depth MTP metrics
                            for k, v in jax.device_get(metrics).items()}
                 step += 1
-                source.published(step, state.all_params)
-                entry = _entry(step, ro, metrics, time.perf_counter() - t0)
+                train_seconds = time.perf_counter() - t0
+                if eval_sets and (step % rl.eval_every == 0 or step == rl.num_steps):
+                    evals[str(step)] = evaluate(step)
+                source.quiesce(step)
+                entry = _entry(step, ro, metrics, train_seconds)
                 entry.update(policy_version=version, policy_lag=lag, wait_seconds=wait_seconds)
                 history.append(entry)
+                if ckpt.save(step, state, extra(), force=step == rl.num_steps) and source.multi_process:
+                    ckpt.wait()  # orbax's commit barriers must not run beside the producer's collectives
+                source.published(step, state.all_params)
+                entry["step_seconds"] = time.perf_counter() - t_prev  # wall time of the step (the first compiles)
+                t_prev = time.perf_counter()
                 if logger is not None:
                     logger.log(step, _scalars(entry), prefix="rl")
-                if step % rl.eval_every == 0 or step == rl.num_steps:
-                    evals[str(step)] = evaluate(step)
-                ckpt.save(step, state, extra(), force=step == rl.num_steps)
-                last = evals[max(evals, key=int)]
-                bar.update(1, reward=entry["reward"], acc_T1=last["T1"], k=entry["draft_length"])
+                shown = {"acc_T1": evals[max(evals, key=int)]["T1"]} if evals else {}
+                bar.update(1, reward=entry["reward"], k=entry["draft_length"], **shown)
         ckpt.wait()
     return RLResult(state=state, history=history, evals=evals, counters=counters)
 
@@ -179,13 +185,21 @@ class _BatchSource:
             self.weights = WeightStore(shard_params_for(worker.model_config, rollout_mesh))
             self.weights.publish(start, current_params())
             self.producer = RolloutProducer(sample, self.weights, start=start, max_staleness=rl.max_staleness,
-                                            first_version=start)
+                                            first_version=start, stop=rl.num_steps)
+        self.multi_process = self.producer is not None and jax.process_count() > 1
 
     def next(self) -> tuple[int, int, Rollout]:
         if self.producer is not None:
             return self.producer.get()
         index, self._index = self._index, self._index + 1
         return index, index, self._sample(index, index, self._current())
+
+    def quiesce(self, version: int) -> None:
+        """Multi-process async: wait until the producer has sampled all it can before ``version``,
+        so the collectives over both meshes that follow (checkpoint barriers, weight sync) run
+        while it is parked, in the same order on every process."""
+        if self.multi_process:
+            self.weights.wait_parked(version, lambda: self.producer.finished)
 
     def published(self, version: int, params) -> None:
         """The learner finished update ``version``: make those weights available to the producer."""

@@ -5,7 +5,8 @@ exactly (waiting for the learner to publish it), so the producer runs at most
 ``max_staleness`` versions ahead, every batch's version is fixed by its index (the
 same on every process of a multi-host program, whatever the timing), and with
 ``max_staleness = 0`` producer and learner strictly alternate: the synchronous loop.
-Batches go through a bounded queue, tagged with their index and version. An
+Batches (indices start .. stop-1) go through a bounded queue, tagged with their
+index and version. An
 exception in the producer is re-raised in the learner with the producer's
 traceback; ``close()`` stops the thread wherever it waits.
 """
@@ -28,11 +29,11 @@ class ProducerError(RuntimeError):
 
 class RolloutProducer:
     def __init__(self, sample: Callable[[int, int, Any], Any], weights: WeightStore, *, start: int,
-                 max_staleness: int, first_version: int):
+                 max_staleness: int, first_version: int, stop: int | None = None):
         if not (isinstance(max_staleness, int) and max_staleness >= 0):
             raise ValueError(f"max_staleness: must be an int >= 0, got {max_staleness!r}")
         self._sample, self.weights = sample, weights
-        self.start, self.max_staleness, self.first_version = start, max_staleness, first_version
+        self.start, self.max_staleness, self.first_version, self.stop = start, max_staleness, first_version, stop
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_staleness))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
@@ -57,7 +58,7 @@ class RolloutProducer:
     def _run(self) -> None:
         index = self.start
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and (self.stop is None or index < self.stop):
                 version = self.version_for(index)
                 params = None
                 while params is None and not self._stop.is_set():
@@ -89,6 +90,11 @@ class RolloutProducer:
                 _, name, message, tb = item
                 raise ProducerError(f"rollout producer failed: {name}: {message}\n--- producer traceback ---\n{tb}")
             return item[1], item[2], item[3]
+
+    @property
+    def finished(self) -> bool:
+        """The thread has ended (its last batch or error is in the queue)."""
+        return not self._thread.is_alive()
 
     def close(self) -> None:
         self._stop.set()
