@@ -19,43 +19,41 @@ initialisation: its MTP heads do not agree with its trunk, acceptance is near 0,
 and the table then measures the cost of speculating, not its benefit. The output
 says so loudly.
 
-``--adversarial`` rewrites parameter values (never shapes, so the compute per step
-is exactly that of the model) so that every draft is rejected: all token
-embeddings (and untied LM-head columns) but token 0's get a large common offset
-along one direction e and token 0's are zeroed, the trunk's layer outputs are
-scaled down so its hidden state stays along e, and each MTP module passes the
-(offset-dominated) token embedding through with a negated final norm. Then the
-trunk gives every token but 0 a logit ~60 above token 0's (p(0) ~ 0), while the
-MTP heads give token 0 a logit ~40 above every other (q(0) ~ 1): greedy drafts are
-always token 0, sampled drafts almost always, and the target never accepts them.
-Each verify step then emits exactly one token, as a vanilla step does, so
-``overhead = (s / token, spec) / (s / token, none) - 1`` is the price of the
-speculative path itself (drafting K tokens with the MTP window caches, a K+1-token
-verify forward, rejection sampling); the issue's target is <= 15%.
+``--adversarial`` rewrites parameter values (never shapes, so the compute per step is
+exactly the model's: ``bebop_jax.decode.synthetic.never_accepted_params``) so that
+every draft is rejected. Each verify step then emits exactly one token, as a vanilla
+step does, so ``overhead = (s / token, spec) / (s / token, none) - 1`` is the price
+of the speculative path itself (drafting K tokens with the MTP window caches, a
+K+1-token verify forward, rejection sampling); the target is <= 15%.
+``--agreeing_heads`` (a synthetic upper range, also value-only): drafts nearly equal
+the target (``agreeing_params``).
+
+Columns next to the measured speedup:
+- ``cost``: one k-draft step in vanilla steps, timed as decode loops of exactly n
+  steps with every row live for two n (``decode.adaptive.measure_step_seconds``:
+  the difference removes the prefill and the call's fixed costs). The same
+  measurement calibrates the adaptive draft length.
+- ``ideal`` = (1 + mean accepted) / cost, and ``of_ideal`` = speedup / ideal: what the
+  end-to-end run loses to the prefill's share of a short response, rows idling in a
+  batch after their EOS, the last step's tokens cut at EOS / max_new_tokens, and host
+  work per call.
+- ``mem_model`` = (1 + mean accepted) / (1 + K * draft/trunk weights per token): the
+  speedup a memory-bound accelerator would give, where a step costs the weights it
+  reads. A model, not a measurement.
+- Adaptive rows (``K = adapt(k...)``: the draft lengths it chose): a ``DraftController``
+  kept over the rounds of one (batch, temperature) group, calibrated at warm-up;
+  ``vs_best`` = its tokens/s over the best of vanilla and every fixed K of its method.
 
 On CPU, small matmuls with more than one row go to Eigen's multi-threaded GEMM,
 whose thread hand-off dominates at batch 1: a (K+1)-token verify forward then costs
-~1.7x a 1-token one (~1.3x with ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``,
-which also made vanilla decoding ~2x faster on a 2-core machine). Set that flag
-in the environment to measure single-threaded matmuls; the default is XLA's.
-
-With trained heads (``--params``) or ``--agreeing_heads`` the same rounds also time
-every spec configuration on the adversarial rewrite of the same model, which gives
-the cost of one speculative step (K drafts + one K+1-token verify + rejection
-sampling) in units of one vanilla step, ``cost``, independently of acceptance. The
-table then shows the issue's ideal speedup ``(mean accepted + 1) / cost`` and the
-achieved fraction of it (``of_ideal``): what is lost to rows idling in a batch after
-their EOS, the prefill's share of short responses, and bookkeeping.
-
-``--agreeing_heads`` (a synthetic upper range, also value-only): the trunk's layer
-outputs are scaled down (a near-Markov chain on the current token) and each MTP
-module passes the token embedding through, so drafts nearly equal the target and
-acceptance is high: what the decoder gains when the heads are good.
+more than a 1-token one than its flops say (set
+``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` to measure single-threaded matmuls;
+the default is XLA's).
 
 ``--task NAME`` takes held-out prompts of that task (byte tokenizer) instead of random
 tokens, and stops rows at EOS, as a rollout does: what trained heads should be
 measured on. Rows then end at different lengths, so speedups are ratios of tokens
-per second, and the step cost is a ratio of seconds per token.
+per second.
 
 Writes RUN_DIR/results.json.
 """
@@ -71,14 +69,16 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bebop_jax.config import ModelConfig, SpecConfig  # noqa: E402
-from bebop_jax.model import init_params, load_hf_checkpoint, params_io  # noqa: E402
+from bebop_jax.model import abstract_params, init_params, load_hf_checkpoint, params_io  # noqa: E402
 from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from bebop_jax.decode.rollout import encode_prompts, pad_prompts  # noqa: E402
 from bebop_jax.sampling import SamplingConfig  # noqa: E402
-from bebop_jax.decode import generate  # noqa: E402
+from bebop_jax.decode import DraftController, generate  # noqa: E402
+from bebop_jax.decode.adaptive import measure_step_seconds  # noqa: E402
 from bebop_jax.decode.synthetic import agreeing_params, never_accepted_params  # noqa: E402
 from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
 from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
@@ -169,11 +169,22 @@ def task_prompts(name: str, batch: int, vocab_size: int) -> tuple[np.ndarray, np
     return (*pad_prompts(ids, max(len(i) for i in ids), tokenizer.pad_id), tokenizer.eos_id)
 
 
-def _run(params, cfg, prompts, lens, key, max_new, sampling_cfg, spec, eos_id=None):
+def _run(params, cfg, prompts, lens, key, max_new, sampling_cfg, spec, eos_id=None, controller=None):
     wall, cpu = time.perf_counter(), time.process_time()
     res = generate(params, cfg, prompts, lens, key, max_new_tokens=max_new, sampling=sampling_cfg, spec=spec,
-                   eos_id=eos_id)
+                   eos_id=eos_id, controller=controller)
     return time.perf_counter() - wall, time.process_time() - cpu, res
+
+
+def flops_ratio(cfg: ModelConfig) -> float:
+    """Matmul weights one draft depth reads per token over the trunk's (LM head in both): the
+    memory-bound accelerator's cost of a draft relative to a verify position."""
+    shapes = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
+    weights = lambda pred: sum(int(np.prod(x.shape)) for path, x in shapes if x.ndim >= 2 and pred(str(path[0].key)))
+    head = cfg.vocab_size * cfg.hidden_size
+    trunk = weights(lambda name: name.startswith("layers_")) + head
+    draft = weights(lambda name: name.startswith("mtp_")) / cfg.num_mtp_modules + head
+    return draft / trunk
 
 
 def run_benchmark(args: BenchArgs, log=print) -> dict:
@@ -184,16 +195,12 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
         cfg = ModelConfig.small(num_mtp_depths=max(args.num_drafts))
         params = init_params(cfg, jax.random.key(args.seed))
         source = "RANDOM INIT ModelConfig.small"
-    cost_params = None  # the same shapes with drafts never accepted: a speculative step's cost
     if args.adversarial:
         params = never_accepted_params(cfg, params)
         source += " + adversarial rewrite (drafts never accepted)"
-    else:
-        if args.params or args.agreeing_heads:
-            cost_params = jax.device_put(never_accepted_params(cfg, params))
-        if args.agreeing_heads:
-            params = agreeing_params(cfg, params)
-            source += " + agreeing-heads rewrite (synthetic high acceptance)"
+    elif args.agreeing_heads:
+        params = agreeing_params(cfg, params)
+        source += " + agreeing-heads rewrite (synthetic high acceptance)"
     params = jax.device_put(params)
     ks, temps = args.grid()
     skipped = [k for k in ks if k > cfg.num_mtp_depths]
@@ -209,8 +216,10 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
         log("RANDOM INITIALISATION: no --params given. The MTP heads do not agree with the")
         log("trunk, so acceptance is ~0 and spec 'speedups' below measure overhead, not gains.")
         log("=" * 78)
+    ratio = flops_ratio(cfg)
     log(f"model: {source}: layers={cfg.num_layers} H={cfg.hidden_size} V={cfg.vocab_size} "
-        f"K_max={cfg.num_mtp_depths} M={cfg.num_mtp_modules} dtype={cfg.dtype}")
+        f"K_max={cfg.num_mtp_depths} M={cfg.num_mtp_modules} dtype={cfg.dtype}; draft/trunk weights per token "
+        f"{ratio:.3f}")
     if skipped:
         log(f"skipping K={skipped}: above the model's num_mtp_depths={cfg.num_mtp_depths}")
 
@@ -226,67 +235,86 @@ def run_benchmark(args: BenchArgs, log=print) -> dict:
             lens, eos_id = np.full((batch,), args.prompt_len, np.int32), None
         for temp in temps:
             sampling_cfg = SamplingConfig(temperature=float(temp))
-            specs = [SpecConfig("none")] + [SpecConfig(m, k) for m in args.methods for k in ks]
+            fixed = [SpecConfig("none")] + [SpecConfig(m, k) for m in args.methods for k in ks]
+            adaptive = [SpecConfig(m, max(ks), adaptive=True) for m in args.methods] if not args.adversarial else []
+            controllers = {spec: DraftController(spec) for spec in adaptive}
+            specs = fixed + adaptive
             key = jax.random.key(args.seed + 1)
             t_compile = time.perf_counter()
-            # (params, spec) pairs timed in each round; "cost" runs use the adversarial rewrite
-            runs = [("model", s) for s in specs]
-            if cost_params is not None:
-                runs += [("cost", s) for s in specs[1:]]
-            by_name = {"model": params, "cost": cost_params}
-            for name, spec in runs:  # compile + warm up
-                _run(by_name[name], cfg, prompts, lens, key, args.max_new_tokens, sampling_cfg, spec, eos_id)
-            log(f"batch={batch} T={temp}: compiled {len(specs)} configs in {time.perf_counter() - t_compile:.0f}s")
-            per_token = {run: [] for run in runs}  # (wall s, cpu s, stats) per emitted token, each round
+            for spec in specs:  # compile + warm up (the adaptive ones calibrate here)
+                _run(params, cfg, prompts, lens, key, args.max_new_tokens, sampling_cfg, spec, eos_id,
+                     controllers.get(spec))
+            # per-step costs of the fixed configs, prefill excluded: the ideal speedups' denominators
+            step_s = dict(zip(fixed, measure_step_seconds(params, cfg, jnp.asarray(prompts), jnp.asarray(lens), key,
+                                                          sampling_cfg, fixed, max_new_tokens=args.max_new_tokens,
+                                                          repeats=args.repeats)))
+            log(f"batch={batch} T={temp}: compiled and calibrated {len(specs)} configs in "
+                f"{time.perf_counter() - t_compile:.0f}s")
+            per_token = {spec: [] for spec in specs}  # (wall s, cpu s, stats) per emitted token, each round
             for r in range(args.repeats):
-                for name, spec in runs:
-                    wall, cpu, res = _run(by_name[name], cfg, prompts, lens, jax.random.fold_in(key, r),
-                                          args.max_new_tokens, sampling_cfg, spec, eos_id)
+                for spec in specs:  # interleaved rounds: load from elsewhere hits every config alike
+                    wall, cpu, res = _run(params, cfg, prompts, lens, jax.random.fold_in(key, r), args.max_new_tokens,
+                                          sampling_cfg, spec, eos_id, controllers.get(spec))
                     n = res.stats["tokens_generated"]
-                    per_token[name, spec].append((wall / n, cpu / n, res.stats))
-            cost_of = {spec: float(np.median([t[0] for t in per_token[name, spec]]))
-                       for name, spec in runs if name == "cost"}
-            times = {spec: per_token["model", spec] for spec in specs}
-            base_wall = float(np.median([t[0] for t in times[specs[0]]]))  # seconds per token
-            base_cpu = float(np.median([t[1] for t in times[specs[0]]]))
+                    per_token[spec].append((wall / n, cpu / n, res.stats))
+            base_wall = float(np.median([t[0] for t in per_token[fixed[0]]]))  # seconds per token
+            base_cpu = float(np.median([t[1] for t in per_token[fixed[0]]]))
+            group = []
             for spec in specs:
-                walls = [t[0] for t in times[spec]]
-                cpus = [t[1] for t in times[spec]]
-                stats = [t[2] for t in times[spec]]
-                wall, cpu = float(np.median(walls)), float(np.median(cpus))
-                tokens = int(np.median([st["tokens_generated"] for st in stats]))
+                walls = [t[0] for t in per_token[spec]]
+                stats = [t[2] for t in per_token[spec]]
+                wall, cpu = float(np.median(walls)), float(np.median([t[1] for t in per_token[spec]]))
                 k = spec.drafts
-                per_depth = np.mean([s["per_depth_acceptance"] for s in stats], axis=0).tolist() if k else []
+                chosen = [s["num_draft"] for s in stats]
+                mean_acc = float(np.mean([s["mean_accepted"] for s in stats]))
+                per_depth = _mean_per_depth(stats)
                 row = {
-                    "batch": batch, "temperature": float(temp), "method": spec.method, "K": k,
+                    "batch": batch, "temperature": float(temp), "method": spec.method,
+                    "K": f"adapt({'/'.join(map(str, sorted(set(chosen))))})" if spec.adaptive else k,
                     "tok/s": 1.0 / wall,
                     "speedup": base_wall / wall,          # ratio of wall time per emitted token
                     "cpu_speedup": base_cpu / cpu,
                     "overhead": wall / base_wall - 1.0,   # extra wall time per emitted token vs none
-                    "mean_acc": float(np.mean([s["mean_accepted"] for s in stats])) if k else None,
+                    "mean_acc": mean_acc if k else None,
                     "tok/fwd": float(np.mean([s["tokens_per_forward"] for s in stats])),
-                    "per_depth": " ".join(f"{a:.2f}" for a in per_depth) if k else "",
+                    "per_depth": " ".join(f"{a:.2f}" for a in per_depth),
                     "per_depth_acceptance": per_depth,
                     "wall_s_per_token": wall, "cpu_s_per_token": cpu, "wall_s_per_token_all": walls,
-                    "tokens": tokens,
+                    "tokens": int(np.median([st["tokens_generated"] for st in stats])),
+                    "adaptive": spec.adaptive, "draft_lengths": chosen,
                 }
-                if spec in cost_of:  # adversarial run: one token per step, like vanilla
-                    row["cost"] = cost_of[spec] / base_wall
-                    row["ideal"] = (row["mean_acc"] + 1.0) / row["cost"]
+                if spec in step_s and k:
+                    row["cost"] = step_s[spec] / step_s[fixed[0]]
+                    row["ideal"] = (mean_acc + 1.0) / row["cost"]
                     row["of_ideal"] = row["speedup"] / row["ideal"]
-                rows.append(row)
+                    row["mem_model"] = (mean_acc + 1.0) / (1.0 + k * ratio)
+                if spec.adaptive:
+                    rivals = [r for r in group if r["method"] in ("none", spec.method) and not r["adaptive"]]
+                    best = max(rivals, key=lambda r: r["tok/s"])
+                    row["vs_best"] = row["tok/s"] / best["tok/s"]
+                    row["best_fixed"] = f"{best['method']} K={best['K']}"
+                    row["controller"] = controllers[spec].report(batch)
+                group.append(row)
+            rows += group
     return {"config": config_dict(args), "model_config": dataclasses.asdict(cfg), "source": source,
-            "rows": rows, "devices": [str(d) for d in jax.devices()],
+            "rows": rows, "devices": [str(d) for d in jax.devices()], "draft_trunk_weight_ratio": ratio,
             "overhead_target": OVERHEAD_TARGET if args.adversarial else None}
+
+
+def _mean_per_depth(stats: list[dict]) -> list[float]:
+    """Per-depth acceptance pooled over rounds (adaptive rounds may run different k)."""
+    k = max(s["num_draft"] for s in stats)
+    pad = lambda c: np.pad(np.asarray(c, np.float64), (0, k - len(c)))
+    acc = np.sum([pad(s["accepted_counts"]) for s in stats], axis=0) if k else np.zeros(0)
+    att = np.sum([pad(s["attempted_counts"]) for s in stats], axis=0) if k else np.zeros(0)
+    return (acc / np.maximum(att, 1)).tolist()
 
 
 def main(args: BenchArgs) -> dict:
     prepare_run_dir(args.run_dir)
     results = run_benchmark(args)
     cols = ["batch", "temperature", "method", "K", "tok/s", "speedup", "cpu_speedup", "mean_acc", "per_depth",
-            "tok/fwd"]
-    if any("ideal" in row for row in results["rows"]):
-        cols += ["cost", "ideal", "of_ideal"]
+            "tok/fwd", "cost", "ideal", "of_ideal", "mem_model", "vs_best"]
     if args.adversarial:
         cols = ["batch", "temperature", "method", "K", "tok/s", "overhead", "within_target", "mean_acc", "tok/fwd"]
         for row in results["rows"]:

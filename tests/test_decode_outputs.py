@@ -172,11 +172,11 @@ def test_generate_fn_refuses_bad_configurations():
 
 
 def test_compiled_function_cache_is_bounded(monkeypatch):
-    from bebop_jax.decode import host
-    monkeypatch.setattr(host, "MAX_COMPILED", 2)
+    from bebop_jax.decode import compile_cache as cache
+    monkeypatch.setattr(cache, "MAX_COMPILED", 2)
     for n in (1, 2, 3, 2):
         generate(params_for("greedy"), CFG, PROMPTS[:2, :3], np.array([3, 2]), jax.random.key(0),
                  max_new_tokens=n, sampling=SamplingConfig(temperature=0.0))
-    sigs = list(host._COMPILED)
+    sigs = list(cache._COMPILED)
     assert len(sigs) == 2
     assert [s[2] for s in sigs] == [3, 2]  # max_new_tokens of the two most recently used, LRU order

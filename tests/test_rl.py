@@ -256,3 +256,15 @@ def test_batches_not_divisible_into_groups_are_refused():
                          version=np.int32(0))
     with pytest.raises(ValueError, match="group_size"):
         batch.validate(CFG, 4)
+
+
+def test_kl_to_the_starting_policy_is_zero_on_the_first_step_and_grows(tmp_path):
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    rl = RLConfig(num_steps=2, prompts_per_step=4, max_new_tokens=8, prompt_len=12, decode_batch=16,
+                  eval_prompts=0, ckpt_every=2)
+    result = run_grpo(jax.device_put(policy()), CFG, TOK, [TASK], rl=rl, grpo=GRPOConfig(group_size=4, kl_coef=0.1),
+                      spec=SpecConfig("none"), optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
+                                                                          decay_steps=10),
+                      mesh=mesh, run_dir=tmp_path, logger=None, config={}, log=lambda *_: None)
+    kl = [h["policy"]["kl"] for h in result.history]
+    assert kl[0] == 0.0 and kl[1] > 0.0, kl  # the reference is the starting policy, held fixed

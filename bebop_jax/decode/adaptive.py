@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bebop_jax.config import ModelConfig, SpecConfig
-from bebop_jax.decode.decoder import fixed_steps_fn
+from bebop_jax.decode.compile_cache import compiled
+from bebop_jax.decode.decoder import fixed_steps_fn, needed_cache_len
 from bebop_jax.sampling import SamplingConfig
 
 
@@ -42,7 +43,7 @@ class DraftController:
     """Chooses the draft length of each call of an adaptive ``SpecConfig`` (see the module docstring)."""
 
     def __init__(self, spec: SpecConfig, *, prior_alpha: float = 0.8, prior_weight: float = 4.0,
-                 decay: float = 0.7, calibration_steps: tuple[int, int] = (4, 16), calibration_repeats: int = 5):
+                 decay: float = 0.7, calibration_steps: tuple[int, int] = (4, 24), calibration_repeats: int = 5):
         if not isinstance(spec, SpecConfig) or not spec.adaptive:
             raise ValueError(f"spec: a DraftController needs SpecConfig(adaptive=True), got {spec!r}")
         if not 0.0 <= prior_alpha <= 1.0:
@@ -125,18 +126,22 @@ class DraftController:
         return self.costs[batch]
 
     def prepare(self, params, model_config: ModelConfig, prompts, prompt_lens, key, sampling: SamplingConfig, *,
-                impl: str = "auto") -> SpecConfig:
-        """Calibrate for this batch size if needed, choose k, and return the config to run."""
+                max_new_tokens: int, cache_len: int | None = None, impl: str = "auto") -> SpecConfig:
+        """Calibrate for this batch size if needed (in this call's caches), choose k, and return the
+        config to run."""
         batch = int(prompts.shape[0])
         if batch not in self.costs:
-            self.calibrate(params, model_config, prompts, prompt_lens, key, sampling, impl=impl)
+            self.calibrate(params, model_config, prompts, prompt_lens, key, sampling, max_new_tokens=max_new_tokens,
+                           cache_len=cache_len, impl=impl)
         k = self.choose(batch)
         self.chosen.append(k)
         return self.spec.with_draft(k)
 
     def calibrate(self, params, model_config: ModelConfig, prompts, prompt_lens, key,
-                  sampling: SamplingConfig = SamplingConfig(), *, impl: str = "auto") -> np.ndarray:
-        """Measure c(k) for k = 0..K on these prompts (their batch size); returns and stores it."""
+                  sampling: SamplingConfig = SamplingConfig(), *, max_new_tokens: int = 64,
+                  cache_len: int | None = None, impl: str = "auto") -> np.ndarray:
+        """Measure c(k) for k = 0..K on these prompts (their batch size), in the caches of a call of
+        ``max_new_tokens`` / ``cache_len``; returns and stores it."""
         prompts = jnp.asarray(prompts, jnp.int32)
         prompt_lens = jnp.asarray(prompt_lens, jnp.int32)
         if prompts.ndim != 2 or prompts.shape[0] < 1 or prompts.shape[1] < 1:
@@ -144,23 +149,49 @@ class DraftController:
                              f"got shape {tuple(prompts.shape)}")
         if prompt_lens.shape != (prompts.shape[0],):
             raise ValueError(f"prompt_lens: must have shape [B] = ({prompts.shape[0]},), got {tuple(prompt_lens.shape)}")
-        n1, n2 = self.calibration_steps
-        exes = []
-        for k in range(self.max_draft + 1):
-            fn = fixed_steps_fn(model_config, sampling=sampling, spec=self.spec.with_draft(k), max_steps=n2, impl=impl)
-            exes.append(jax.jit(fn).lower(params, prompts, prompt_lens, key, jnp.int32(n2)).compile())
-
-        def timed(exe, n):
-            t0 = time.perf_counter()
-            jax.block_until_ready(exe(params, prompts, prompt_lens, key, jnp.int32(n)))
-            return time.perf_counter() - t0
-
-        for exe in exes:  # warm up
-            timed(exe, n1)
-        diffs = [[] for _ in exes]
-        for _ in range(self.calibration_repeats):
-            for k, exe in enumerate(exes):  # interleaved: load from elsewhere hits every k alike
-                diffs[k].append((timed(exe, n2) - timed(exe, n1)) / (n2 - n1))
-        per_step = np.array([max(float(np.median(d)), 1e-9) for d in diffs])
+        specs = [self.spec.with_draft(k) for k in range(self.max_draft + 1)]
+        per_step = measure_step_seconds(params, model_config, prompts, prompt_lens, key, sampling, specs,
+                                        max_new_tokens=max_new_tokens, cache_len=cache_len,
+                                        steps=self.calibration_steps, repeats=self.calibration_repeats, impl=impl)
         self.costs[int(prompts.shape[0])] = per_step / per_step[0]
         return self.costs[int(prompts.shape[0])]
+
+
+def measure_step_seconds(params, model_config: ModelConfig, prompts, prompt_lens, key, sampling: SamplingConfig,
+                         specs: list[SpecConfig], *, max_new_tokens: int, cache_len: int | None = None,
+                         steps: tuple[int, int] = (4, 24), repeats: int = 5, impl: str = "auto") -> np.ndarray:
+    """Seconds per decode step of each spec on these prompts, prefill and call overhead excluded.
+
+    Each runs a prefill then exactly n steps with every row live, for n = n1 and n2, in the
+    caches of a call of ``max_new_tokens`` (``cache_len``: the longest spec's unless given),
+    compiled once; rounds interleave the specs so load from elsewhere hits them alike; the
+    result is the median over rounds of (t(n2) - t(n1)) / (n2 - n1). n2 is capped so every
+    spec's n2 steps fit in ``max_new_tokens``.
+    """
+    k_max = max(spec.drafts for spec in specs)
+    n2 = min(steps[1], (max_new_tokens - 1) // (k_max + 1))
+    n1 = min(steps[0], n2 // 2)
+    if n1 < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: too few tokens to time two step counts at "
+                         f"num_draft={k_max}; calibrate with a longer call")
+    cache_len = cache_len or needed_cache_len(prompts.shape[1], max_new_tokens, SpecConfig("rejection", k_max)
+                                              if k_max else SpecConfig("none"))
+    exes = []
+    for spec in specs:
+        sig = ("fixed_steps", model_config, sampling, spec, max_new_tokens, cache_len, impl, prompts.shape)
+        build = lambda spec=spec: fixed_steps_fn(model_config, sampling=sampling, spec=spec,
+                                                 max_new_tokens=max_new_tokens, cache_len=cache_len, impl=impl)
+        exes.append(compiled(sig, build, (params, prompts, prompt_lens, key, jnp.int32(n2))))
+
+    def timed(exe, n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(exe(params, prompts, prompt_lens, key, jnp.int32(n)))
+        return time.perf_counter() - t0
+
+    for exe in exes:  # warm up
+        timed(exe, n1)
+    diffs = [[] for _ in exes]
+    for _ in range(repeats):
+        for i, exe in enumerate(exes):
+            diffs[i].append((timed(exe, n2) - timed(exe, n1)) / (n2 - n1))
+    return np.array([max(float(np.median(d)), 1e-9) for d in diffs])

@@ -415,19 +415,21 @@ def continue_fn(model_config: ModelConfig, *, max_new_tokens: int, sampling: Sam
     return fn
 
 
-def fixed_steps_fn(model_config: ModelConfig, *, sampling: SamplingConfig, spec: SpecConfig, max_steps: int,
-                   impl: str = "auto"):
+def fixed_steps_fn(model_config: ModelConfig, *, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
+                   cache_len: int | None = None, impl: str = "auto"):
     """``(params, prompts, prompt_lens, key, num_steps) -> steps run``: a prefill, then exactly
-    ``num_steps`` (traced, <= max_steps) decode steps with every row live (no EOS, room for
-    every token): the cost calibration of the adaptive draft length times these."""
-    max_new = max_steps * (spec.drafts + 1) + 1
+    ``num_steps`` (traced; at most (max_new_tokens - 1) // (K + 1)) decode steps with every row
+    live (no EOS). The buffers and caches are those of a ``generate_fn`` call with the same
+    ``max_new_tokens`` / ``cache_len``, so a step costs what it costs there: the adaptive
+    draft length's calibration and the benchmark time these."""
 
     def fn(params, prompts, prompt_lens, key, num_steps):
         model = _Model(params, model_config)
         k = spec.drafts
-        state = init_state(model_config, prompts.shape[0], needed_cache_len(prompts.shape[1], max_new, spec), k)
+        length = cache_len or needed_cache_len(prompts.shape[1], max_new_tokens, spec)
+        state = init_state(model_config, prompts.shape[0], length, k)
         state, first = _prefill(model, state, prompts, prompt_lens, jax.random.fold_in(key, 0), sampling, k)
-        out = _decode(model, state, first, key, max_new_tokens=max_new, sampling_cfg=sampling, spec=spec,
+        out = _decode(model, state, first, key, max_new_tokens=max_new_tokens, sampling_cfg=sampling, spec=spec,
                       eos_id=None, impl=impl, max_steps=num_steps)
         return out.steps, out.lengths
 

@@ -9,7 +9,6 @@ draft length of each call.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 
@@ -20,12 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.decode.adaptive import DraftController
+from bebop_jax.decode.compile_cache import compiled
 from bebop_jax.decode.decoder import DecodeOutput, DecodeState, continue_fn, generate_fn, needed_cache_len
 from bebop_jax.parallel import batch_sharding
 from bebop_jax.sampling import SamplingConfig
-
-MAX_COMPILED = 8  # compiled decode loops kept (LRU): each holds a whole while_loop executable
-_COMPILED: collections.OrderedDict = collections.OrderedDict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,21 +91,6 @@ def validate_generate_args(model_config: ModelConfig, prompts, prompt_lens, max_
     return cache_len
 
 
-def compiled(sig: tuple, build, args: tuple, donate: tuple = ()):
-    """The executable of ``build()`` for ``args``, compiled once per ``sig`` and placement of the
-    arguments (LRU of MAX_COMPILED)."""
-    sig = sig + (tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(args)),)
-    exe = _COMPILED.get(sig)
-    if exe is None:
-        exe = jax.jit(build(), donate_argnums=donate).lower(*args).compile()
-        _COMPILED[sig] = exe
-        while len(_COMPILED) > MAX_COMPILED:
-            _COMPILED.popitem(last=False)
-    else:
-        _COMPILED.move_to_end(sig)
-    return exe
-
-
 def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), spec: SpecConfig = SpecConfig(),
              eos_id: int | None = None, cache_len: int | None = None, impl: str = "auto",
@@ -135,7 +117,8 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
     args = (params, *on_mesh((prompts_np.astype(np.int32), lens_np.astype(np.int32)), key, mesh))
     run_spec = spec
     if spec.adaptive:
-        run_spec = controller.prepare(params, model_config, args[1], args[2], key, sampling, impl=impl)
+        run_spec = controller.prepare(params, model_config, args[1], args[2], args[3], sampling,
+                                      max_new_tokens=max_new_tokens, cache_len=cache_len, impl=impl)
     sig = ("generate", model_config, max_new_tokens, sampling, run_spec, eos_id, cache_len, impl, prompts_np.shape,
            return_state)
     build = lambda: generate_fn(model_config, max_new_tokens=max_new_tokens, sampling=sampling, spec=run_spec,

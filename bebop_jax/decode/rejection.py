@@ -1,6 +1,6 @@
 """Exact speculative verification: rejection sampling of K draft tokens against the target.
 
-Definitions (DESIGN.md "The math"). For row b, p_j is the processed target
+Definitions (docs/DESIGN.md, "The math"). For row b, p_j is the processed target
 distribution at position j (j = 0..K) and q_j the processed draft distribution
 that proposed draft token x_j (j = 0..K-1); both go through
 `bebop_jax.sampling.process_logits` with the same temperature / top-k / top-p.

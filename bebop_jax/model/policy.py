@@ -1,6 +1,6 @@
 """The policy: a Qwen3-style decoder trunk with K multi-token-prediction depths.
 
-Indexing (DESIGN.md): the trunk at position t gives ``hidden[t]`` (the residual
+Indexing (docs/DESIGN.md, "MTP indexing and masks"): the trunk at position t gives ``hidden[t]`` (the residual
 stream before the final norm) and the distribution of x_{t+1}. MTP depth k
 (k = 1..K) at position t takes the previous depth's hidden (``hidden[t]`` for
 k = 1) and the embedding of x_{t+k}, and drafts x_{t+k+1}:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -51,11 +52,12 @@ class RLResult:
     counters: dict          # dropped_batches (older than max_staleness: never trained on), max_policy_lag
 
 
-def _template(n_rows: int, seq_len: int, with_old: bool) -> RolloutBatch:
+def _template(n_rows: int, seq_len: int, with_old: bool, with_ref: bool) -> RolloutBatch:
     """A batch's structure (for its shardings)."""
     z = np.zeros((n_rows, seq_len), np.float32)
     return RolloutBatch(tokens=z.astype(np.int32), loss_mask=z, advantages=z[:, 0], behaviour_logp=z,
-                        version=np.zeros((), np.int32), old_logp=z if with_old else None)
+                        version=np.zeros((), np.int32), old_logp=z if with_old else None,
+                        ref_logp=z if with_ref else None)
 
 
 def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: list[Task], *, rl: RLConfig,
@@ -77,8 +79,11 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
                            decode_batch=rl.decode_batch, max_turns=rl.max_turns, mesh=rollout_mesh)
     n_rows = rl.prompts_per_step * grpo.group_size
 
+    with_ref = grpo.kl_coef > 0  # the k3 KL to the starting policy, held as a frozen copy
+    ref_params = jax.tree.map(jnp.copy, params) if with_ref else None
+
     def step_for(decoupled: bool, with_old: bool):
-        template = _template(n_rows, worker.seq_len, with_old)
+        template = _template(n_rows, worker.seq_len, with_old, with_ref)
         return make_step(grpo_loss(model_config, grpo, rl.temperature, decoupled=decoupled,
                                    mtp_loss=strategy.mtp_loss), opt, state, mesh,
                          batch_shardings=template.shardings(mesh),
@@ -146,6 +151,10 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
                     old = policy_logprobs(state.all_params, placed.tokens, model_config=model_config,
                                           temperature=rl.temperature)
                     placed = dataclasses.replace(placed, old_logp=jax.device_put(old, placed.loss_mask.sharding))
+                if with_ref:
+                    ref = policy_logprobs(ref_params, placed.tokens, model_config=model_config,
+                                          temperature=rl.temperature)
+                    placed = dataclasses.replace(placed, ref_logp=jax.device_put(ref, placed.loss_mask.sharding))
                 step_fn = stale_step if lag else on_policy_step
                 for _ in range(grpo.updates_per_batch):
                     state, metrics = step_fn(state, placed)

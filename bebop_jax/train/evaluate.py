@@ -48,28 +48,38 @@ def _teacher_forced_sums(params, tokens, loss_mask, *, model_config: ModelConfig
         "full_count": jnp.sum(full.astype(jnp.float32)),
         "entropy": jnp.sum(ent * (w_next > 0)),
         "entropy_count": jnp.sum((w_next > 0).astype(jnp.float32)),
+        # per row (one response each), for paired tests across prompts
+        "row_ea_rejection": jnp.sum(jnp.where(full, ea_rej, 0.0), axis=1),
+        "row_ea_greedy": jnp.sum(jnp.where(full, ea_greedy, 0.0), axis=1),
+        "row_full_count": jnp.sum(full.astype(jnp.float32), axis=1),
     }
 
 
 def teacher_forced_acceptance(params, model_config: ModelConfig, batches: Iterable[dict],
                               temperature: float = 1.0) -> dict:
-    """Per-depth acceptance (rejection and greedy), E[accepted drafts], and entropy (nats)."""
+    """Per-depth acceptance (rejection and greedy), E[accepted drafts], and entropy (nats); also
+    each row's own E[accepted] (``per_row_mean_accepted``), for paired comparisons of heads."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for teacher-forced acceptance, got {temperature}")
-    total = None
+    total, rows = None, []
     for batch in batches:
         sums = _teacher_forced_sums(params, batch["tokens"], batch["loss_mask"], model_config=model_config,
                                     temperature=float(temperature))
+        rows.append({k: sums.pop(k) for k in [k for k in sums if k.startswith("row_")]})
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     if total is None:
         raise ValueError("batches: no batch to evaluate")
     t = jax.device_get(total)
+    rows = {k: np.concatenate([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+    per_row = {m: (rows[f"row_ea_{m}"] / np.maximum(rows["row_full_count"], 1.0)).tolist()
+               for m in ("rejection", "greedy")}
     dc = np.maximum(t["depth_count"], 1)
     fc = max(float(t["full_count"]), 1.0)
     return {
         "per_depth": {"rejection": (t["alpha_rejection"] / dc).tolist(), "greedy": (t["alpha_greedy"] / dc).tolist()},
         "mean_accepted": {"rejection": float(t["ea_rejection"]) / fc, "greedy": float(t["ea_greedy"]) / fc},
         "entropy": float(t["entropy"]) / max(float(t["entropy_count"]), 1.0),
+        "per_row_mean_accepted": per_row,  # each row's mean E[accepted] over its fully scored positions
     }
 
 

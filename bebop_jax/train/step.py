@@ -17,7 +17,7 @@ Modes (``MTPConfig.mode``):
 - ``trunk_only``: base pretraining; next-token CE on the trunk, the MTP modules
   are frozen and not run.
 
-MTP targets (DESIGN.md indexing): depth k at position t is scored against the
+MTP targets (docs/DESIGN.md, "MTP indexing and masks"): depth k at position t is scored against the
 trunk's distribution at position t+k (stop-gradient), label x_{t+k+1}, weight
 ``loss_mask[t+k+1]`` (0 where t+k+1 is past the sequence).
 """
