@@ -61,28 +61,24 @@ Writes RUN_DIR/results.json.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bebop_jax.config import ModelConfig, SpecConfig  # noqa: E402
-from bebop_jax.model import abstract_params, init_params, load_hf_checkpoint, params_io  # noqa: E402
-from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.decode.rollout import encode_prompts, pad_prompts  # noqa: E402
-from bebop_jax.sampling import SamplingConfig  # noqa: E402
-from bebop_jax.decode import DraftController, generate  # noqa: E402
-from bebop_jax.decode.adaptive import measure_step_seconds  # noqa: E402
-from bebop_jax.decode.synthetic import agreeing_params, never_accepted_params  # noqa: E402
-from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
-from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
-from bebop_jax.train.metrics_log import print_table, write_results_json  # noqa: E402
+from bebop_jax.config import ModelConfig, SpecConfig
+from bebop_jax.data.tokenizer import load_tokenizer
+from bebop_jax.decode import DraftController, generate
+from bebop_jax.decode.adaptive import measure_step_seconds
+from bebop_jax.decode.rollout import encode_prompts, pad_prompts
+from bebop_jax.decode.synthetic import agreeing_params, never_accepted_params
+from bebop_jax.model import abstract_params, init_params, load_hf_checkpoint, params_io
+from bebop_jax.sampling import SamplingConfig
+from bebop_jax.tasks import get_task, list_tasks
+from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.train.metrics_log import print_table, write_results_json
 
 OVERHEAD_TARGET = 0.15  # the bound on extra wall time per emitted token when nothing is accepted
 SPEC_METHODS = ("greedy", "rejection")

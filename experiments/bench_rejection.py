@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bebop_jax.decode import rejection  # noqa: E402
-from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main  # noqa: E402
-from bebop_jax.train.metrics_log import print_table, write_results_json  # noqa: E402
+from bebop_jax.decode import rejection
+from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.train.metrics_log import print_table, write_results_json
 
 DTYPES = ("float32", "bfloat16")
 

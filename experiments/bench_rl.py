@@ -34,25 +34,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.stats  # noqa: E402
+import jax  # noqa: E402  (after XLA_FLAGS: two CPU devices for the async setups' two meshes)
+import numpy as np
+import scipy.stats
 
-from bebop_jax.analysis import plot_curves, save_figure  # noqa: E402
-from bebop_jax.config import RL_OPTIMIZER, GRPOConfig, MeshConfig, OptimizerConfig, RLConfig, SpecConfig  # noqa: E402
-from bebop_jax.model import shard_params_for  # noqa: E402
-from bebop_jax.rl.loop import run_grpo  # noqa: E402
-from bebop_jax.rl.meshes import rl_meshes  # noqa: E402
-from bebop_jax.rl.policy import DEFAULT_POLICY, load_rl_policy, resolve_policy  # noqa: E402
-from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
-from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main  # noqa: E402
-from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
+from bebop_jax.analysis import plot_curves, save_figure
+from bebop_jax.config import (
+    RL_OPTIMIZER,
+    GRPOConfig,
+    MeshConfig,
+    OptimizerConfig,
+    RLConfig,
+    SpecConfig,
+)
+from bebop_jax.model import shard_params_for
+from bebop_jax.rl.loop import run_grpo
+from bebop_jax.rl.meshes import rl_meshes
+from bebop_jax.rl.policy import DEFAULT_POLICY, load_rl_policy, resolve_policy
+from bebop_jax.tasks import get_task, list_tasks
+from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json
 
 SETUPS = ("sync-vanilla", "sync-spec", "async-vanilla", "async-spec")
 

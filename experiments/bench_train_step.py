@@ -21,23 +21,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bebop_jax.config import (LOSS_NAMES, MeshConfig, ModelConfig, MTPConfig,  # noqa: E402
-                              OptimizerConfig)
-from bebop_jax.model import init_params, shard_params_for  # noqa: E402
-from bebop_jax.parallel import make_mesh  # noqa: E402
-from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main  # noqa: E402
-from bebop_jax.train.metrics_log import print_table, write_results_json  # noqa: E402
-from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from bebop_jax.config import (
+    LOSS_NAMES,
+    MeshConfig,
+    ModelConfig,
+    MTPConfig,
+    OptimizerConfig,
+)
+from bebop_jax.model import init_params, shard_params_for
+from bebop_jax.parallel import make_mesh
+from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.train.metrics_log import print_table, write_results_json
+from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step
 
 # Model sizes by name. "small" is the small-scale reproduction default; "mini" is half
 # its width and depth; "tiny" is the test config.

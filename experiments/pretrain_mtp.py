@@ -32,31 +32,45 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bebop_jax.config import LOSS_NAMES, MeshConfig, MTPConfig, OptimizerConfig, SpecConfig, TrainConfig  # noqa: E402
-from bebop_jax.data.corpus import rollout_examples  # noqa: E402
-from bebop_jax.data.pipeline import make_dataset  # noqa: E402
-from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.model.hf import export_hf_checkpoint, init_mtp_params, load_hf_checkpoint, mtp_modules_in_checkpoint  # noqa: E402
-from bebop_jax.model.params_io import load_policy, save_policy  # noqa: E402
-from bebop_jax.parallel import make_mesh, maybe_initialize_distributed  # noqa: E402
-from bebop_jax.decode.rollout import rollout  # noqa: E402
-from bebop_jax.sampling import SamplingConfig  # noqa: E402
-from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
-from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
-from bebop_jax.train.evaluate import grade_all, teacher_forced_acceptance  # noqa: E402
-from bebop_jax.train.loop import run_training  # noqa: E402
-from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
-from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step, merge_params, split_params  # noqa: E402
-
-from pretrain_base import BaseArgs, pretrain_base  # noqa: E402
+from bebop_jax.config import (
+    LOSS_NAMES,
+    MeshConfig,
+    MTPConfig,
+    OptimizerConfig,
+    SpecConfig,
+    TrainConfig,
+)
+from bebop_jax.data.corpus import rollout_examples
+from bebop_jax.data.pipeline import make_dataset
+from bebop_jax.data.tokenizer import load_tokenizer
+from bebop_jax.decode.rollout import rollout
+from bebop_jax.model.hf import (
+    export_hf_checkpoint,
+    init_mtp_params,
+    load_hf_checkpoint,
+    mtp_modules_in_checkpoint,
+)
+from bebop_jax.model.params_io import load_policy, save_policy
+from bebop_jax.parallel import make_mesh, maybe_initialize_distributed
+from bebop_jax.sampling import SamplingConfig
+from bebop_jax.tasks import get_task, list_tasks
+from bebop_jax.train.base import BaseArgs, pretrain_base
+from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.train.evaluate import grade_all, teacher_forced_acceptance
+from bebop_jax.train.loop import run_training
+from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json
+from bebop_jax.train.step import (
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    merge_params,
+    split_params,
+)
 
 METHODS = ("greedy", "rejection")
 

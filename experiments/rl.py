@@ -16,21 +16,24 @@ metrics.jsonl and checkpoints: rerun the same command after a crash to resume.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bebop_jax.config import RL_OPTIMIZER, GRPOConfig, MeshConfig, OptimizerConfig, RLConfig, SpecConfig  # noqa: E402
-from bebop_jax.model.params_io import save_policy  # noqa: E402
-from bebop_jax.parallel import maybe_initialize_distributed  # noqa: E402
-from bebop_jax.rl.loop import run_grpo  # noqa: E402
-from bebop_jax.rl.meshes import rl_meshes  # noqa: E402
-from bebop_jax.rl.policy import DEFAULT_POLICY, load_rl_policy, resolve_policy  # noqa: E402
-from bebop_jax.rl.strategies import STRATEGIES  # noqa: E402
-from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
-from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main  # noqa: E402
-from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json  # noqa: E402
+from bebop_jax.config import (
+    RL_OPTIMIZER,
+    GRPOConfig,
+    MeshConfig,
+    OptimizerConfig,
+    RLConfig,
+    SpecConfig,
+)
+from bebop_jax.model.params_io import save_policy
+from bebop_jax.parallel import maybe_initialize_distributed
+from bebop_jax.rl.loop import run_grpo
+from bebop_jax.rl.meshes import rl_meshes
+from bebop_jax.rl.policy import DEFAULT_POLICY, load_rl_policy, resolve_policy
+from bebop_jax.rl.strategies import STRATEGIES
+from bebop_jax.tasks import get_task, list_tasks
+from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,33 +22,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+import scipy.stats
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.stats  # noqa: E402
-
-from bebop_jax.analysis import (acceptance_through_training, entropy_law, gap_summary, gap_vs_entropy,  # noqa: E402
-                                plot_acceptance_through_training, plot_entropy_law, plot_gap_vs_entropy,
-                                save_figure)
-from bebop_jax.config import RL_OPTIMIZER, GRPOConfig, MeshConfig, OptimizerConfig, RLConfig, SpecConfig  # noqa: E402
-from bebop_jax.data.corpus import rollout_examples  # noqa: E402
-from bebop_jax.data.pipeline import make_dataset  # noqa: E402
-from bebop_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bebop_jax.decode.sweep import acceptance_sweep  # noqa: E402
-from bebop_jax.model.params_io import load_policy, save_policy  # noqa: E402
-from bebop_jax.parallel import make_mesh  # noqa: E402
-from bebop_jax.rl.loop import run_grpo  # noqa: E402
-from bebop_jax.rl.policy import load_rl_policy, resolve_policy  # noqa: E402
-from bebop_jax.rl.strategies import STRATEGIES  # noqa: E402
-from bebop_jax.tasks import get_task, list_tasks  # noqa: E402
-from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main  # noqa: E402
-from bebop_jax.train.evaluate import teacher_forced_acceptance  # noqa: E402
-from bebop_jax.train.metrics_log import MetricLogger, write_results_json  # noqa: E402
+from bebop_jax.analysis import (
+    acceptance_through_training,
+    entropy_law,
+    gap_summary,
+    gap_vs_entropy,
+    plot_acceptance_through_training,
+    plot_entropy_law,
+    plot_gap_vs_entropy,
+    save_figure,
+)
+from bebop_jax.config import (
+    RL_OPTIMIZER,
+    GRPOConfig,
+    MeshConfig,
+    OptimizerConfig,
+    RLConfig,
+    SpecConfig,
+)
+from bebop_jax.data.corpus import rollout_examples
+from bebop_jax.data.pipeline import make_dataset
+from bebop_jax.data.tokenizer import load_tokenizer
+from bebop_jax.decode.sweep import acceptance_sweep
+from bebop_jax.model.params_io import load_policy, save_policy
+from bebop_jax.parallel import make_mesh
+from bebop_jax.rl.loop import run_grpo
+from bebop_jax.rl.policy import load_rl_policy, resolve_policy
+from bebop_jax.rl.strategies import STRATEGIES
+from bebop_jax.tasks import get_task, list_tasks
+from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.train.evaluate import teacher_forced_acceptance
+from bebop_jax.train.metrics_log import MetricLogger, write_results_json
 
 LOSSES = ("ce", "kl", "tv", "e2e_tv")
 
