@@ -128,7 +128,8 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
             return {"history": history, "evals": evals, "config": config, "counters": counters,
                     "controller": worker.controller.state_dict() if worker.controller is not None else None}
 
-        source = _BatchSource(rl, sample, worker, mesh, rollout_mesh, start, lambda: state.all_params)
+        source = _BatchSource(rl, sample, shard_params_for(model_config, rollout_mesh), start,
+                              lambda: state.all_params)
         with source, Progress(rl.num_steps - start, "rl", unit="step") as bar:
             step = start
             last_version = -1
@@ -185,13 +186,12 @@ class _BatchSource:
     """Where the learner's batches come from: sampled inline with the current policy
     (synchronous RL), or by a ``RolloutProducer`` on the rollout mesh (async RL)."""
 
-    def __init__(self, rl: RLConfig, sample, worker: RolloutWorker, mesh: Mesh, rollout_mesh: Mesh, start: int,
-                 current_params):
-        self.rl, self._sample, self._current = rl, sample, current_params
+    def __init__(self, rl: RLConfig, sample, rollout_shardings, start: int, current_params):
+        self._sample, self._current = sample, current_params
         self._index = start
         self.producer = None
         if rl.async_rollouts:
-            self.weights = WeightStore(shard_params_for(worker.model_config, rollout_mesh))
+            self.weights = WeightStore(rollout_shardings)
             self.weights.publish(start, current_params())
             self.producer = RolloutProducer(sample, self.weights, start=start, max_staleness=rl.max_staleness,
                                             first_version=start, stop=rl.num_steps)
