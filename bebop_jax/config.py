@@ -309,15 +309,15 @@ class RLConfig:
     ``mtp_strategy`` is validated against ``bebop_jax.rl.strategies.STRATEGIES``.
     """
 
-    num_steps: int = 60
+    num_steps: int = 200
     prompts_per_step: int = 16
     max_new_tokens: int = 80
     prompt_len: int = 56            # prompts are padded to this (one compiled decode shape)
     temperature: float = 1.0
     decode_batch: int = 128
     max_turns: int = 1              # assistant turns per episode of a multi-turn task
-    eval_every: int = 20            # held-out accuracy every N steps (and before / after)
-    eval_prompts: int = 128         # held-out prompts per task (0: no held-out evaluation)
+    eval_every: int = 40            # held-out accuracy every N steps (and before / after)
+    eval_prompts: int = 256         # held-out prompts per task (0: no held-out evaluation)
     eval_samples: int = 4           # T = 1 samples per held-out prompt
     ckpt_every: int = 10
     seed: int = 0
@@ -353,5 +353,5 @@ class RLConfig:
 
 
 # The optimizer of the RL experiments (constant learning rate after a short warmup, no decay).
-RL_OPTIMIZER = OptimizerConfig(learning_rate=3e-4, warmup_steps=5, decay_steps=150, min_lr_ratio=1.0,
+RL_OPTIMIZER = OptimizerConfig(learning_rate=3e-4, warmup_steps=5, decay_steps=200, min_lr_ratio=1.0,
                                weight_decay=0.0)

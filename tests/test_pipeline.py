@@ -6,17 +6,13 @@ Runs the experiment scripts as subprocesses with a tiny model, as a user would.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from subprocesses import ROOT, env, kill_at_checkpoint
 TINY_MODEL = ["--model.vocab-size", "264", "--model.hidden-size", "32", "--model.num-layers", "2",
               "--model.num-heads", "2", "--model.num-kv-heads", "1", "--model.head-dim", "16",
               "--model.intermediate-size", "64", "--model.max-seq-len", "128", "--model.num-mtp-depths", "2"]
@@ -25,11 +21,7 @@ TINY_BASE = TINY_MODEL + ["--train.batch-size", "8", "--train.seq-len", "96", "-
                           "--optimizer.decay-steps", "40"]
 
 
-def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+_env = env
 
 
 def _run(script, args, **kw):
@@ -50,13 +42,7 @@ def test_pretrain_base_resumes_bitwise_after_kill9(tmp_path):
     victim = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "pretrain_base.py"), "--run_dir",
                                str(kill_dir), *TINY_BASE, *steps], env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (kill_dir / "checkpoints" / "6").is_dir():  # step 6 committed: kill in the middle of the run
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_at_checkpoint(victim, kill_dir / "checkpoints" / "6")  # step 6 committed: in the middle of the run
     assert not (kill_dir / "policy").exists(), "killed too late: the run had finished"
     resumed = _run("pretrain_base.py", ["--run_dir", str(kill_dir), *TINY_BASE, *steps])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -9,12 +9,8 @@ ASCII character (about half of them), so rewards vary within groups.
 from __future__ import annotations
 
 import functools
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +30,9 @@ from bebop_jax.rl.rollout import RolloutWorker
 from bebop_jax.sampling import SamplingConfig
 from bebop_jax.train.step import make_optimizer, make_step, train_state_for, split_params
 
+from subprocesses import ROOT, env, kill_at_checkpoint
 from toy_tasks import AsciiFirst
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig.tiny(vocab_size=264, max_seq_len=128, num_mtp_depths=2)
 TOK = load_tokenizer("byte")
 ALPHA = 0.01  # significance level of the two-sample tests
@@ -159,11 +155,7 @@ def test_spec_and_vanilla_rollouts_have_the_same_reward_and_logprob_distribution
 
 # ------------------------------------------------------------------ experiments/rl.py
 
-def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+_env = env
 
 
 def _rl_cmd(run_dir, policy_dir, *extra):
@@ -190,13 +182,7 @@ def test_rl_resumes_bitwise_after_kill9(tmp_path, tiny_policy):
                            stderr=subprocess.PIPE)
     victim = subprocess.Popen(_rl_cmd(kill_dir, tiny_policy / "mtp"), env=_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (kill_dir / "checkpoints" / "2").is_dir():
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_at_checkpoint(victim, kill_dir / "checkpoints" / "2")
     assert not (kill_dir / "results.json").exists(), "killed too late: the run had finished"
     resumed = subprocess.run(_rl_cmd(kill_dir, tiny_policy / "mtp"), env=_env(), capture_output=True, text=True,
                              timeout=600)
