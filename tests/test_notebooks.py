@@ -34,6 +34,10 @@ EXPECTED = {
         "mime": ("image/png", "text/markdown"),
         "text": ("chi-squared p-values vs vanilla", "| rejection |", "ratio vs none", "notebook finished"),
     },
+    "03_rl.ipynb": {
+        "mime": ("image/png", "text/markdown"),
+        "text": ("| step | reward (rejection) | reward (none) |", "mean accepted / K", "notebook finished"),
+    },
 }
 
 
