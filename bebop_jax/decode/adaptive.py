@@ -181,7 +181,7 @@ def measure_step_seconds(params, model_config: ModelConfig, prompts, prompt_lens
         sig = ("fixed_steps", model_config, sampling, spec, max_new_tokens, cache_len, impl, prompts.shape)
         build = lambda spec=spec: fixed_steps_fn(model_config, sampling=sampling, spec=spec,
                                                  max_new_tokens=max_new_tokens, cache_len=cache_len, impl=impl)
-        exes.append(compiled(sig, build, (params, prompts, prompt_lens, key, jnp.int32(n2))))
+        exes.append(compiled(sig, build))
 
     def timed(exe, n):
         t0 = time.perf_counter()
