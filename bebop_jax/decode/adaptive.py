@@ -43,7 +43,7 @@ class DraftController:
     """Chooses the draft length of each call of an adaptive ``SpecConfig`` (see the module docstring)."""
 
     def __init__(self, spec: SpecConfig, *, prior_alpha: float = 0.8, prior_weight: float = 4.0,
-                 decay: float = 0.7, calibration_steps: tuple[int, int] = (4, 24), calibration_repeats: int = 5):
+                 decay: float = 0.7, calibration_steps: tuple[int, int] = (4, 24), calibration_repeats: int = 9):
         if not isinstance(spec, SpecConfig) or not spec.adaptive:
             raise ValueError(f"spec: a DraftController needs SpecConfig(adaptive=True), got {spec!r}")
         if not 0.0 <= prior_alpha <= 1.0:
