@@ -83,6 +83,24 @@ def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
     assert (run / "tensorboard").is_dir()
     assert "E[accepted]" in out.stdout
 
+    # The study reads this run (pretrain_mtp's outputs are its input): tiny settings, every part.
+    study = tmp_path / "study"
+    out = _run("study.py", ["--run_dir", str(study), "--pretrain_dir", str(run), "--strategies", "frozen",
+                            "online_e2e_tv", "--rl_steps", "4", "--temperatures", "0.5", "1.0", "--num-draft", "2",
+                            "--sweep-prompts", "8", "--sweep-batch", "4", "--rl.prompts-per-step", "2",
+                            "--grpo.group-size", "2", "--rl.max-new-tokens", "16"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (study / "report.md").read_text()
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+        assert heading in report
+    r = json.loads((study / "results.json").read_text())
+    assert len(r["sweep"]) == 2 * 2 * 2  # (pre-RL, after RL) x temperatures x batches
+    assert set(r["strategies"]) == {"frozen", "online_e2e_tv"}
+    assert r["strategies"]["frozen"]["train_cost_ratio"] == 1.0
+    assert set(r["losses"]["tests"]) == {"e2e_tv-ce", "e2e_tv-kl"}
+    for png in r["plots"].values():
+        assert (study / png).stat().st_size > 1000
+
 
 @pytest.mark.parametrize("script,args,needle", [
     ("pretrain_mtp.py", ["--loss", "bogus"], "loss"),

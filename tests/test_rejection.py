@@ -98,7 +98,7 @@ def test_joint_of_first_two_tokens_is_target_chain():
     emits two tokens (accepted draft, residual at depth 2, or bonus) and from a fresh
     target sample otherwise (what the decoder's next step does)."""
     rng = np.random.default_rng(2)
-    v, k = 5, 2
+    v = 5
     p0 = np.array([0.35, 0.25, 0.2, 0.15, 0.05])
     q0 = np.array([0.1, 0.4, 0.0, 0.3, 0.2])
     p1 = rng.dirichlet(np.ones(v), size=v)          # p1[a] = target after token a

@@ -103,7 +103,21 @@ def hostile():
 
 def _run_hostile():
     names = list(HOSTILE)
-    before = set(os.listdir(tempfile.gettempdir()))
+    # The directories this process's sandbox makes (other xdist workers make theirs in the same /tmp).
+    made, mkdtemp = [], tempfile.mkdtemp
+
+    def recording_mkdtemp(*args, **kwargs):
+        made.append(mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    tempfile.mkdtemp = recording_mkdtemp
+    try:
+        return _run_hostile_batch(names, made)
+    finally:
+        tempfile.mkdtemp = mkdtemp
+
+
+def _run_hostile_batch(names, made):
     start = time.monotonic()
     # Different timeouts per program: run them as parallel single executes.
     out = {}
@@ -119,9 +133,8 @@ def _run_hostile():
     for t in threads:
         t.join(60)
     total = time.monotonic() - start
-    after = set(os.listdir(tempfile.gettempdir()))
-    return {"results": out, "total_s": total, "new_tmp": {p for p in after - before
-                                                          if p.startswith("bebop_sbx_")}}
+    assert len(made) >= len(names), made  # one program directory per execute at least
+    return {"results": out, "total_s": total, "new_tmp": {p for p in made if os.path.exists(p)}}
 
 
 def test_ok_program_gets_stdin_and_stdout():

@@ -5,7 +5,6 @@ worked-solution length and variety for the small-scale tasks, HumanEval through
 the sandbox, and the show command.
 """
 
-import io
 import random
 import re
 import statistics
