@@ -123,12 +123,12 @@ def run_setup(args: BenchRLArgs, name: str, run_dir, source: str) -> dict:
         result = run_grpo(params, model_config, tokenizer, tasks, rl=rl, grpo=args.grpo, spec=spec,
                           optimizer=args.optimizer, mesh=mesh, rollout_mesh=rollout_mesh, run_dir=run_dir / name,
                           logger=logger, config=config)
-    summary = summarise(args, result.history, result.counters)
+    summary = summarise(args, result.history, result.counters, overlapped=rl.async_rollouts)
     out_file.write_text(json.dumps(summary))
     return summary
 
 
-def summarise(args: BenchRLArgs, history: list[dict], counters: dict) -> dict:
+def summarise(args: BenchRLArgs, history: list[dict], counters: dict, *, overlapped: bool) -> dict:
     timed = history[args.warmup:]
     med = lambda key: float(np.median([h[key] for h in timed]))
     wall, rollout, train = med("step_seconds"), med("rollout_seconds"), med("train_seconds")
@@ -140,7 +140,7 @@ def summarise(args: BenchRLArgs, history: list[dict], counters: dict) -> dict:
     return {
         "seconds_per_step": wall, "rollout_seconds": rollout, "train_seconds": train,
         "wait_seconds": med("wait_seconds"),
-        "overlap": (rollout + train - wall) / rollout if counters["max_policy_lag"] else None,
+        "overlap": (rollout + train - wall) / rollout if overlapped else None,
         "reward": reward, "elapsed_seconds": elapsed.tolist(),
         "reward_smoothed": smooth.tolist(), "max_policy_lag": counters["max_policy_lag"],
         "dropped_batches": counters["dropped_batches"],

@@ -9,6 +9,7 @@ ASCII character (about half of them), so rewards vary within groups.
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -254,3 +255,22 @@ def test_kl_to_the_starting_policy_is_zero_on_the_first_step_and_grows(tmp_path)
                       mesh=mesh, run_dir=tmp_path, logger=None, config={}, log=lambda *_: None)
     kl = [h["policy"]["kl"] for h in result.history]
     assert kl[0] == 0.0 and kl[1] > 0.0, kl  # the reference is the starting policy, held fixed
+
+
+def test_bench_rl_reports_each_setup(tmp_path, tiny_policy):
+    """experiments/bench_rl.py end to end, tiny: a sync and an async setup, their table, plot and results."""
+    run = tmp_path / "bench"
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_rl.py"), "--run_dir", str(run),
+                          "--policy_dir", str(tiny_policy / "mtp"), "--setups", "sync-vanilla", "async-spec",
+                          "--steps", "3", "--warmup", "1", "--num-draft", "2", "--rl.prompts-per-step", "2",
+                          "--grpo.group-size", "2", "--rl.max-new-tokens", "8"],
+                         capture_output=True, text=True, env=_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((run / "results.json").read_text())
+    sync, spec = r["setups"]["sync-vanilla"], r["setups"]["async-spec"]
+    assert sync["speedup_vs_sync_vanilla"] == 1.0
+    assert sync["overlap"] is None and isinstance(spec["overlap"], float)  # overlap only where rollouts overlap
+    assert spec["max_policy_lag"] <= 1 and spec["dropped_batches"] >= 0
+    assert len(spec["reward"]) == 3 and spec["mean_accepted"] > 0
+    assert (run / r["plot"]).stat().st_size > 1000
+    assert "async-spec" in out.stdout and "model: disjoint hw" in out.stdout
