@@ -352,6 +352,6 @@ class RLConfig:
                "a separate rollout mesh needs async_rollouts=True (synchronous RL samples on the train mesh)")
 
 
-# The optimizer of the RL experiments (constant learning rate after a short warmup, no decay).
+# The optimizer of the RL experiments (constant learning rate after a short warmup; rl.py decays it to a tenth).
 RL_OPTIMIZER = OptimizerConfig(learning_rate=3e-4, warmup_steps=5, decay_steps=200, min_lr_ratio=1.0,
                                weight_decay=0.0)

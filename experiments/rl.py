@@ -47,7 +47,8 @@ class RLArgs:
     rl: RLConfig = RLConfig()
     grpo: GRPOConfig = GRPOConfig()
     spec: SpecConfig = SpecConfig(method="rejection", num_draft=3)
-    optimizer: OptimizerConfig = RL_OPTIMIZER
+    # RL_OPTIMIZER decaying to a tenth (cosine); its decay_steps follows --rl.num-steps (set in main)
+    optimizer: OptimizerConfig = dataclasses.replace(RL_OPTIMIZER, min_lr_ratio=0.1)
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
@@ -69,6 +70,8 @@ def heads_needed_for(args: RLArgs) -> str:
 
 def main(args: RLArgs) -> dict:
     maybe_initialize_distributed()
+    args = dataclasses.replace(args, optimizer=dataclasses.replace(
+        args.optimizer, decay_steps=max(args.rl.num_steps, args.optimizer.warmup_steps + 1)))
     source = resolve_policy(args.policy_dir, args.hf_checkpoint, heads_for=heads_needed_for(args))
     run_dir = prepare_run_dir(args.run_dir)
     rollout_mesh, mesh = rl_meshes(args.rl.rollout_devices, args.mesh)

@@ -200,6 +200,8 @@ def test_rl_resumes_bitwise_after_kill9(tmp_path, tiny_policy):
     assert [h["step"] for h in res["history"]] == [1, 2, 3, 4, 5, 6]
     assert set(res["eval"]["before"]) >= {"greedy", "T1"} and set(res["eval"]["after"]) >= {"greedy", "T1"}
     assert "held-out accuracy" in resumed.stdout
+    # the learning rate decays over the run's own length (6 steps here), to a tenth
+    assert res["config"]["optimizer"]["decay_steps"] == 6 and res["config"]["optimizer"]["min_lr_ratio"] == 0.1
 
 
 @pytest.mark.parametrize("args,needle", [
