@@ -47,7 +47,7 @@ class RLArgs:
     rl: RLConfig = RLConfig()
     grpo: GRPOConfig = GRPOConfig()
     spec: SpecConfig = SpecConfig(method="rejection", num_draft=3)
-    # RL_OPTIMIZER decaying to a tenth (cosine); its decay_steps follows --rl.num-steps (set in main)
+    # RL_OPTIMIZER decaying to a tenth (cosine); main sets decay_steps to --rl.num-steps (a given one is replaced)
     optimizer: OptimizerConfig = dataclasses.replace(RL_OPTIMIZER, min_lr_ratio=0.1)
     mesh: MeshConfig = MeshConfig()
 
