@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Literal
 
+from bebop_jax.aggregations import AGGREGATIONS
 from bebop_jax.sampling import SamplingConfig  # noqa: F401  (re-exported: one home per config)
 
 DTYPES = ("float32", "bfloat16")
@@ -142,6 +143,16 @@ class SpecConfig:
 
 LossName = Literal["ce", "kl", "tv", "e2e_tv"]
 LOSS_NAMES = ("ce", "kl", "tv", "e2e_tv")
+
+# What happens to the MTP heads during RL, by name: the MTP loss that trains them on the
+# rollouts, or None for frozen heads. The one source of the names (``RLConfig`` validates
+# against it; ``bebop_jax.rl.strategies.STRATEGIES`` is built from it).
+MTP_STRATEGIES: dict[str, str | None] = {
+    "frozen": None,
+    "online_ce": "ce",
+    "online_kl": "kl",
+    "online_e2e_tv": "e2e_tv",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +288,6 @@ class GRPOConfig:
     updates_per_batch: int = 1
 
     def __post_init__(self):
-        from bebop_jax.rl.objective import AGGREGATIONS  # here, not at module level: rl imports config
-
         cls = "GRPOConfig"
         _check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
                and self.group_size >= 2, cls, "group_size",
@@ -306,7 +315,7 @@ class RLConfig:
     training prompts at ``temperature``, in decode calls of ``decode_batch`` rows. With
     ``async_rollouts`` they are sampled by a producer thread (on ``rollout_devices`` of
     their own, when set) up to ``max_staleness`` policy versions ahead of the learner.
-    ``mtp_strategy`` is validated against ``bebop_jax.rl.strategies.STRATEGIES``.
+    ``mtp_strategy`` is a key of ``MTP_STRATEGIES`` (``bebop_jax.rl.strategies`` builds each from it).
     """
 
     num_steps: int = 200
@@ -328,8 +337,6 @@ class RLConfig:
     rollout_devices: int = 0        # async: the first N devices form the rollout mesh (0: share all)
 
     def __post_init__(self):
-        from bebop_jax.rl.strategies import STRATEGIES  # here, not at module level: rl imports config
-
         cls = "RLConfig"
         _positive_ints(self, "num_steps", "prompts_per_step", "max_new_tokens", "prompt_len", "decode_batch",
                        "max_turns", "eval_every", "eval_samples", "ckpt_every")
@@ -339,8 +346,8 @@ class RLConfig:
                f"must be > 0 (RL needs a sampling distribution), got {self.temperature!r}")
         _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), cls, "seed",
                f"must be an int, got {self.seed!r}")
-        _check(self.mtp_strategy in STRATEGIES, cls, "mtp_strategy",
-               f"must be one of {sorted(STRATEGIES)}, got {self.mtp_strategy!r}")
+        _check(self.mtp_strategy in MTP_STRATEGIES, cls, "mtp_strategy",
+               f"must be one of {sorted(MTP_STRATEGIES)}, got {self.mtp_strategy!r}")
         _check(_finite_real(self.mtp_learning_rate) and self.mtp_learning_rate > 0, cls, "mtp_learning_rate",
                f"must be > 0, got {self.mtp_learning_rate!r}")
         _check(isinstance(self.async_rollouts, bool), cls, "async_rollouts", f"must be a bool, got {self.async_rollouts!r}")

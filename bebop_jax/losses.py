@@ -427,3 +427,11 @@ def compute_loss(
     if target_logits is None:
         raise ValueError(f"target_logits must be given for the {name!r} loss")
     return loss_fn(target_logits, draft_logits, mask, temperature)
+
+
+def next_token_ce(logits_BxTxV, tokens_BxT, mask_BxT) -> jax.Array:
+    """Weighted mean NLL of x_{t+1} under the trunk at t (weights = mask at t+1)."""
+    w = mask_BxT[:, 1:]
+    logp = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)

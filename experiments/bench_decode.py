@@ -77,8 +77,8 @@ from bebop_jax.decode.synthetic import agreeing_params, never_accepted_params
 from bebop_jax.model import abstract_params, init_params, load_hf_checkpoint, params_io
 from bebop_jax.sampling import SamplingConfig
 from bebop_jax.tasks import get_task, list_tasks
-from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main
-from bebop_jax.train.metrics_log import print_table, write_results_json
+from bebop_jax.run import UserError, config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.run import print_table, write_results_json
 
 OVERHEAD_TARGET = 0.15  # the bound on extra wall time per emitted token when nothing is accepted
 SPEC_METHODS = ("greedy", "rejection")

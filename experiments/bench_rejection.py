@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bebop_jax.decode import rejection
-from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main
-from bebop_jax.train.metrics_log import print_table, write_results_json
+from bebop_jax.run import config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.run import print_table, write_results_json
 
 DTYPES = ("float32", "bfloat16")
 

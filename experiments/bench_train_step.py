@@ -37,8 +37,8 @@ from bebop_jax.config import (
 )
 from bebop_jax.model import init_params, shard_params_for
 from bebop_jax.parallel import make_mesh
-from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main
-from bebop_jax.train.metrics_log import print_table, write_results_json
+from bebop_jax.run import config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.run import print_table, write_results_json
 from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step
 
 # Model sizes by name. "small" is the small-scale reproduction default; "mini" is half

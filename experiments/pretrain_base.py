@@ -10,7 +10,7 @@ metrics.jsonl and results.json (held-out accuracy per task). The work is
 """
 
 from bebop_jax.train.base import BaseArgs, pretrain_base
-from bebop_jax.train.cli import parse, run_main
+from bebop_jax.run import parse, run_main
 
 if __name__ == "__main__":
     run_main(lambda: pretrain_base(parse(BaseArgs)))

@@ -60,10 +60,11 @@ from bebop_jax.parallel import make_mesh, maybe_initialize_distributed
 from bebop_jax.sampling import SamplingConfig
 from bebop_jax.tasks import get_task, list_tasks
 from bebop_jax.train.base import BaseArgs, pretrain_base
-from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main
-from bebop_jax.train.evaluate import grade_all, teacher_forced_acceptance
+from bebop_jax.run import UserError, config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.mtp import teacher_forced_acceptance
+from bebop_jax.tasks import grade_all
 from bebop_jax.train.loop import run_training
-from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json
+from bebop_jax.run import MetricLogger, print_table, write_results_json
 from bebop_jax.train.step import (
     init_train_state,
     make_optimizer,

@@ -32,8 +32,8 @@ from bebop_jax.rl.meshes import rl_meshes
 from bebop_jax.rl.policy import DEFAULT_POLICY, load_rl_policy, resolve_policy
 from bebop_jax.rl.strategies import STRATEGIES
 from bebop_jax.tasks import get_task, list_tasks
-from bebop_jax.train.cli import config_dict, parse, prepare_run_dir, run_main
-from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json
+from bebop_jax.run import config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.run import MetricLogger, print_table, write_results_json
 
 
 @dataclasses.dataclass(frozen=True)

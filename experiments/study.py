@@ -56,9 +56,9 @@ from bebop_jax.rl.loop import run_grpo
 from bebop_jax.rl.policy import load_rl_policy, resolve_policy
 from bebop_jax.rl.strategies import STRATEGIES
 from bebop_jax.tasks import get_task, list_tasks
-from bebop_jax.train.cli import UserError, config_dict, parse, prepare_run_dir, run_main
-from bebop_jax.train.evaluate import teacher_forced_acceptance
-from bebop_jax.train.metrics_log import MetricLogger, write_results_json
+from bebop_jax.run import UserError, config_dict, parse, prepare_run_dir, run_main
+from bebop_jax.mtp import teacher_forced_acceptance
+from bebop_jax.run import MetricLogger, write_results_json
 
 LOSSES = ("ce", "kl", "tv", "e2e_tv")
 

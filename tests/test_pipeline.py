@@ -148,8 +148,9 @@ def test_mtp_training_starts_from_the_heads_an_hf_checkpoint_ships(tmp_path):
     from safetensors.numpy import load_file, save_file
     from bebop_jax.config import ModelConfig
     from bebop_jax.model import init_params
-    from bebop_jax.model.hf import CONFIG_FILE, SINGLE_FILE, export_hf_checkpoint, init_mtp_params, load_hf_checkpoint
-    from bebop_jax.train.cli import UserError
+    from bebop_jax.model import init_mtp_params
+    from bebop_jax.model.hf import CONFIG_FILE, SINGLE_FILE, export_hf_checkpoint, load_hf_checkpoint
+    from bebop_jax.run import UserError
     sys.path.insert(0, str(ROOT / "experiments"))
     import pretrain_mtp
 

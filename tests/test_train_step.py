@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 from bebop_jax.config import LOSS_NAMES, MeshConfig, ModelConfig, MTPConfig, OptimizerConfig
 from bebop_jax.model import Policy, abstract_params, init_params, is_trunk_param, shard_params_for
 from bebop_jax.parallel import make_mesh
-from bebop_jax.train.step import (init_train_state, loss_fn, make_optimizer, make_train_step,
-                                  mtp_targets, split_params)
+from bebop_jax.mtp.objective import loss_fn, mtp_targets
+from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step, split_params
 
 K = 2
 V = 64

@@ -39,8 +39,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from bebop_jax import sampling
-from bebop_jax.decode.rejection import (assemble_tokens, noise_size,
-                                      validate_rejection_inputs, vocab_view)
+from bebop_jax.decode.rejection_common import assemble_tokens, noise_size, validate_rejection_inputs, vocab_view
 
 LANES = 128  # width of the small per-row in/out vectors
 _BIG_INDEX = 2**31 - 1

@@ -63,6 +63,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bebop_jax.config import DTYPES, ModelConfig
+from bebop_jax.model.policy import LAYER_PREFIX
+from bebop_jax.model.params import abstract_params, head_names, init_mtp_params_in, is_head_key, shard_params_for
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ def _mtp_specs(cfg: ModelConfig) -> list[_Spec]:
     h = cfg.hidden_size
     specs = []
     for m in range(cfg.num_mtp_modules):
-        p, root = mtp_prefix(m, cfg.num_mtp_modules), (f"mtp_{m}",)
+        p, root = mtp_prefix(m, cfg.num_mtp_modules), (head_names(cfg)[m],)
         specs += [
             _Spec(root + ("pre_fc_norm_embedding", "scale"), f"{p}.pre_fc_norm_embedding.weight", "copy",
                   (h,)),
@@ -157,7 +159,7 @@ def _trunk_specs(cfg: ModelConfig) -> list[_Spec]:
     h, v = cfg.hidden_size, cfg.vocab_size
     specs = [_Spec(("embed_tokens",), "model.embed_tokens.weight", "copy", (v, h))]
     for li in range(cfg.num_layers):
-        specs += _layer_specs(cfg, (f"layers_{li}",), f"model.layers.{li}")
+        specs += _layer_specs(cfg, (f"{LAYER_PREFIX}{li}",), f"model.layers.{li}")
     specs.append(_Spec(("norm", "scale"), "model.norm.weight", "copy", (h,)))
     if not cfg.tie_embeddings:
         specs.append(_Spec(("lm_head",), "lm_head.weight", "transpose", (h, v)))
@@ -184,8 +186,6 @@ def _check_specs_cover_model(cfg: ModelConfig, specs: list[_Spec]) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    from bebop_jax.model import abstract_params  # lazy: bebop_jax.model re-exports this module
-
     return {tuple(_key_name(k) for k in path): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
 
@@ -390,7 +390,7 @@ def _validate(files: _Files, specs: list[_Spec], config: ModelConfig, with_mtp: 
     summary = (f"hidden_size={config.hidden_size}, num_heads={config.num_heads}, "
                f"num_kv_heads={config.num_kv_heads}, head_dim={config.head_dim}, "
                f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}")
-    wanted = [s for s in specs if with_mtp or not s.path[0].startswith("mtp_")]
+    wanted = [s for s in specs if with_mtp or not is_head_key(s.path[0])]
     for s in wanted:
         if s.name not in files.shape:
             missing = [t.name for t in wanted if t.name not in files.shape]
@@ -456,52 +456,6 @@ def _place(files: _Files, spec: _Spec, sharding, dtype: np.dtype) -> jax.Array:
     return jax.make_array_from_callback(spec.shape, sharding, read)
 
 
-def init_mtp_params(model_config: ModelConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
-    """Fresh MTP modules only: ``{"mtp_0": ..., ...}`` equal to ``init_params(model_config,
-    key)["mtp_*"]``, each parameter created in its ``shard_params_for`` sharding (or on
-    this process's first device). Neither the trunk's init nor a second copy of the
-    trunk is ever made, which matters when the trunk is a loaded multi-billion model.
-    """
-    names = [f"mtp_{m}" for m in range(model_config.num_mtp_modules)]
-    if mesh is None:
-        device = SingleDeviceSharding(jax.local_devices()[0])
-        return _init_mtp(model_config, key, {n: device for n in names})
-    from bebop_jax.model import shard_params_for  # lazy: bebop_jax.model re-exports this module
-
-    tree = shard_params_for(model_config, mesh)
-    return _init_mtp(model_config, key, {n: tree[n] for n in names})
-
-
-def _init_mtp(config: ModelConfig, key: jax.Array, shardings: Mapping[str, Any]) -> dict:
-    """Fresh MTP modules from the project's init, built directly in their shardings.
-
-    Equal to ``init_params(config, key)["mtp_*"]`` (flax derives each parameter's
-    randomness from its module path), but only the MTP modules are traced and compiled.
-    """
-    names = [f"mtp_{m}" for m in range(config.num_mtp_modules)]
-    leaves, treedef = jax.tree.flatten({n: shardings[n] for n in names})
-    return _mtp_initializer(config, tuple(leaves), treedef)(key)
-
-
-@functools.lru_cache(maxsize=16)
-def _mtp_initializer(config: ModelConfig, sharding_leaves: tuple, sharding_treedef):
-    from bebop_jax.model import Policy  # lazy: bebop_jax.model re-exports this module
-
-    names = [f"mtp_{m}" for m in range(config.num_mtp_modules)]
-
-    def touch_mtp(policy, emb_BxTxH, hidden_BxTxH, positions_BxT):
-        for m in range(config.num_mtp_modules):
-            policy.mtp[m](emb_BxTxH, hidden_BxTxH, positions_BxT)
-
-    def init(key):
-        x = jnp.zeros((1, 2, config.hidden_size), jnp.dtype(config.dtype))
-        boxed = Policy(config).init(key, x, x, jnp.zeros((1, 2), jnp.int32), method=touch_mtp)
-        params = nn.unbox(boxed["params"])
-        return {n: params[n] for n in names}
-
-    return jax.jit(init, out_shardings=jax.tree.unflatten(sharding_treedef, sharding_leaves))
-
-
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
@@ -556,20 +510,18 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh | None = None, *, dty
         if mesh is None:
             device = SingleDeviceSharding(jax.local_devices()[0])
             shardings = {s.path: device for s in specs}
-            mtp_shardings = {f"mtp_{i}": device for i in range(config.num_mtp_modules)}
+            mtp_shardings = {n: device for n in head_names(config)}
         else:
-            from bebop_jax.model import shard_params_for  # lazy: bebop_jax.model re-exports this module
-
             tree = shard_params_for(config, mesh)
             shardings = {s.path: _get(tree, s.path) for s in specs}
-            mtp_shardings = {f"mtp_{i}": tree[f"mtp_{i}"] for i in range(config.num_mtp_modules)}
+            mtp_shardings = {n: tree[n] for n in head_names(config)}
         np_dtype = np.dtype(config.param_dtype)
         params: dict = {}
         for s in specs:
-            if in_file or not s.path[0].startswith("mtp_"):
+            if in_file or not is_head_key(s.path[0]):
                 _set(params, s.path, _place(files, s, shardings[s.path], np_dtype))
         if not in_file:
-            params.update(_init_mtp(config, jax.random.key(0) if key is None else key, mtp_shardings))
+            params.update(init_mtp_params_in(config, jax.random.key(0) if key is None else key, mtp_shardings))
     return config, params
 
 

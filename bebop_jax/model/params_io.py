@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from bebop_jax.config import ModelConfig
-from bebop_jax.model import abstract_params, shard_params_for
+from bebop_jax.model.params import abstract_params, shard_params_for
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"

@@ -28,6 +28,11 @@ from bebop_jax.model.layers import DecoderLayer, KVCache, RMSNorm, _dense_init, 
 
 Array = jax.Array
 
+# Top-level parameter keys: decoder layer i of the trunk, MTP module m (read them through
+# bebop_jax.model.params: trunk_params / head_params / is_trunk_param).
+LAYER_PREFIX = "layers_"
+HEAD_PREFIX = "mtp_"
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +83,12 @@ class Policy(nn.Module):
         cfg = self.config
         self.embedding = _param(self, "embed_tokens", nn.initializers.normal(stddev=cfg.hidden_size ** -0.5),
                                 (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(cfg, name=f"{LAYER_PREFIX}{i}") for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg, cfg.hidden_size)
         if not cfg.tie_embeddings:
             self.lm_head = _param(self, "lm_head", _dense_init(cfg.hidden_size),
                                   (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
-        self.mtp = [MTPModule(cfg, name=f"mtp_{m}") for m in range(cfg.num_mtp_modules)]
+        self.mtp = [MTPModule(cfg, name=f"{HEAD_PREFIX}{m}") for m in range(cfg.num_mtp_modules)]
 
     # -- pieces the decoder calls one by one ---------------------------------------------------
     def embed(self, tokens: Array, frozen: bool = False) -> Array:

@@ -36,7 +36,8 @@ from bebop_jax.sampling import SamplingConfig
 from bebop_jax.tasks import Task
 from bebop_jax.train.checkpoint import Checkpointer
 from bebop_jax.train.loop import abstract_like
-from bebop_jax.train.metrics_log import MetricLogger, Progress
+from bebop_jax.run.metrics import MetricLogger
+from bebop_jax.run.progress import Progress
 from bebop_jax.train.step import make_step, train_state_for
 
 

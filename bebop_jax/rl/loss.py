@@ -18,7 +18,8 @@ from bebop_jax.config import GRPOConfig, ModelConfig
 from bebop_jax.model import Policy
 from bebop_jax.rl.batch import RolloutBatch
 from bebop_jax.rl.objective import policy_loss, token_mean
-from bebop_jax.train.step import merge_params, mtp_head_loss
+from bebop_jax.model.params import merge_params
+from bebop_jax.mtp.objective import mtp_head_loss
 
 Array = jax.Array
 

@@ -14,7 +14,7 @@ from bebop_jax.config import ModelConfig
 from bebop_jax.data.tokenizer import Tokenizer, load_tokenizer
 from bebop_jax.model.hf import load_hf_checkpoint, mtp_modules_in_checkpoint
 from bebop_jax.model.params_io import load_policy, read_policy_info
-from bebop_jax.train.cli import UserError
+from bebop_jax.run.cli import UserError
 
 DEFAULT_POLICY = "runs/pretrain_mtp/mtp_e2e_tv/policy"  # what experiments/pretrain_mtp.py writes
 

@@ -17,7 +17,7 @@ import dataclasses
 
 import optax
 
-from bebop_jax.config import OptimizerConfig
+from bebop_jax.config import MTP_STRATEGIES, OptimizerConfig
 from bebop_jax.model import is_trunk_param
 from bebop_jax.train.step import make_optimizer, split_params
 
@@ -42,9 +42,4 @@ class Strategy:
         return optax.multi_transform({"trunk": make_optimizer(config), "heads": heads}, labels)
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "frozen": Strategy("frozen", None),
-    "online_ce": Strategy("online_ce", "ce"),
-    "online_kl": Strategy("online_kl", "kl"),
-    "online_e2e_tv": Strategy("online_e2e_tv", "e2e_tv"),
-}
+STRATEGIES: dict[str, Strategy] = {name: Strategy(name, loss) for name, loss in MTP_STRATEGIES.items()}

@@ -298,6 +298,14 @@ class Task(abc.ABC):
         return [self.grade(e, r) for e, r in zip(examples, responses)]
 
 
+def grade_all(task: Task, examples: Sequence[Example], texts: Sequence[str]) -> dict:
+    """Mean reward of ``texts`` against ``examples`` with the task's grader:
+    ``{"accuracy", "n", "grades"}``."""
+    grades = task.grade_many(examples, texts)
+    rewards = [g.reward for g in grades]
+    return {"accuracy": sum(rewards) / len(rewards) if rewards else 0.0, "n": len(rewards), "grades": grades}
+
+
 _REGISTRY: dict[str, Callable[[int], Task]] = {}
 
 

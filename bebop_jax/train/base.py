@@ -21,11 +21,12 @@ from bebop_jax.model import init_params
 from bebop_jax.model.params_io import save_policy
 from bebop_jax.parallel import make_mesh, maybe_initialize_distributed
 from bebop_jax.sampling import SamplingConfig
-from bebop_jax.tasks import get_task, list_tasks
-from bebop_jax.train.cli import UserError, config_dict, prepare_run_dir
-from bebop_jax.train.evaluate import grade_all
+from bebop_jax.tasks import get_task, grade_all, list_tasks
+from bebop_jax.run.cli import UserError, config_dict, prepare_run_dir
 from bebop_jax.train.loop import run_training
-from bebop_jax.train.metrics_log import MetricLogger, print_table, write_results_json
+from bebop_jax.run.metrics import MetricLogger
+from bebop_jax.run.tables import print_table
+from bebop_jax.run.files import write_results_json
 from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step
 
 

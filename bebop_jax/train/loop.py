@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 from bebop_jax.data.pipeline import TokenDataset, get_state, set_state
 from bebop_jax.parallel import batch_sharding
 from bebop_jax.train.checkpoint import Checkpointer
-from bebop_jax.train.metrics_log import MetricLogger, Progress
+from bebop_jax.run.metrics import MetricLogger
+from bebop_jax.run.progress import Progress
 
 
 def abstract_like(state: Any) -> Any:

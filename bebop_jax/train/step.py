@@ -1,4 +1,4 @@
-"""The pure, jitted, sharded MTP training step.
+"""The pure, jitted, sharded training step (MTP heads, base, and, with its own loss, RL).
 
 Batches are ``{"tokens": int32 [B,T], "loss_mask": float32 [B,T]}`` where
 ``loss_mask[b, t]`` weights the prediction OF token t (0 on prompts, padding
@@ -17,9 +17,8 @@ Modes (``MTPConfig.mode``):
 - ``trunk_only``: base pretraining; next-token CE on the trunk, the MTP modules
   are frozen and not run.
 
-MTP targets (docs/DESIGN.md, "MTP indexing and masks"): depth k at position t is scored against the
-trunk's distribution at position t+k (stop-gradient), label x_{t+k+1}, weight
-``loss_mask[t+k+1]`` (0 where t+k+1 is past the sequence).
+The loss of each mode is ``bebop_jax.mtp.objective.mtp_loss``; RL passes its own
+loss to the same ``make_step``.
 """
 
 from __future__ import annotations
@@ -33,9 +32,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bebop_jax import losses
 from bebop_jax.config import ModelConfig, MTPConfig, OptimizerConfig
-from bebop_jax.model import Policy, is_trunk_param
+from bebop_jax.model.params import head_params, merge_params, trunk_params
+from bebop_jax.mtp.objective import mtp_loss
 from bebop_jax.parallel import batch_sharding
 
 Array = jax.Array
@@ -59,14 +58,9 @@ def split_params(params: dict, mode: str) -> tuple[dict, dict]:
     """(trainable, frozen) top-level split of a policy param dict for ``mode``."""
     if mode == "joint":
         return dict(params), {}
-    train_trunk = mode == "trunk_only"
-    trainable = {k: v for k, v in params.items() if is_trunk_param((k,)) == train_trunk}
-    frozen = {k: v for k, v in params.items() if is_trunk_param((k,)) != train_trunk}
-    return trainable, frozen
-
-
-def merge_params(trainable: dict, frozen: dict) -> dict:
-    return {**frozen, **trainable}
+    if mode == "trunk_only":
+        return trunk_params(params), head_params(params)
+    return head_params(params), trunk_params(params)
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
@@ -122,80 +116,7 @@ def train_state_for(trainable: dict, frozen: dict, optimizer: optax.GradientTran
     return TrainState(step=step, params=trainable, frozen=frozen, opt_state=opt_state)
 
 
-def _shift(x: Array, k: int, fill=0) -> Array:
-    """x[:, t + k] along axis 1, filled past the end."""
-    if k == 0:
-        return x
-    pad = jnp.full((x.shape[0], k) + x.shape[2:], fill, x.dtype)
-    return jnp.concatenate([x[:, k:], pad], axis=1) if x.shape[1] > k else pad[:, : x.shape[1]]
-
-
-def mtp_targets(logits_BxTxV: Array, tokens_BxT: Array, mask_BxT: Array, num_depths: int):
-    """Per-depth targets of the MTP heads.
-
-    Returns target logits [B,T,K,V] (trunk logits at t+k), labels [B,T,K]
-    (x_{t+k+1}) and weights [B,T,K] (loss_mask at t+k+1, 0 past the end).
-    """
-    ks = range(1, num_depths + 1)
-    target = jnp.stack([_shift(logits_BxTxV, k) for k in ks], axis=2)
-    labels = jnp.stack([_shift(tokens_BxT, k + 1) for k in ks], axis=2)
-    weights = jnp.stack([_shift(mask_BxT.astype(jnp.float32), k + 1) for k in ks], axis=2)
-    return target, labels, weights
-
-
-def next_token_ce(logits_BxTxV: Array, tokens_BxT: Array, mask_BxT: Array) -> Array:
-    """Weighted mean NLL of x_{t+1} under the trunk at t (weights = mask at t+1)."""
-    w = mask_BxT[:, 1:]
-    logp = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)
-
-
-def mtp_head_loss(trunk_logits_BxTxV: Array, mtp_logits_BxTxKxV: Array, tokens_BxT: Array, loss_mask_BxT: Array,
-                  loss: str, temperature: float) -> tuple[Array, dict]:
-    """The MTP loss ``loss`` of the heads against the (stop-gradient) trunk; metrics prefixed ``mtp/``."""
-    target, labels, weights = mtp_targets(trunk_logits_BxTxV, tokens_BxT, loss_mask_BxT,
-                                          mtp_logits_BxTxKxV.shape[2])
-    target = jax.lax.stop_gradient(target)
-    if loss == "ce":
-        value, metrics = losses.ce_loss(labels, mtp_logits_BxTxKxV, weights, temperature, target_logits=target)
-    else:
-        value, metrics = losses.LOSSES[loss](target, mtp_logits_BxTxKxV, weights, temperature)
-    metrics = {f"mtp/{k}": v for k, v in metrics.items()}
-    metrics["mtp/loss"] = value
-    return value, metrics
-
-
-def loss_fn(trainable: dict, frozen: dict, batch: Batch, *, model_config: ModelConfig,
-            mtp_config: MTPConfig) -> tuple[Array, dict]:
-    tokens, loss_mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
-    params = merge_params(trainable, frozen)
-    if mtp_config.mode == "trunk_only":
-        b, t = tokens.shape
-        positions = batch.get("positions", jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-        _, logits, _ = Policy(model_config).apply({"params": params}, tokens, positions, None,
-                                                  batch.get("segment_ids"), method=Policy.trunk)
-        ce = next_token_ce(logits, tokens, loss_mask)
-        return ce, {"trunk/ce": ce, "loss": ce}
-    freeze = mtp_config.mode == "mtp_only"
-    out = Policy(model_config).apply({"params": params}, tokens, freeze_trunk=freeze)
-    mtp_loss, metrics = mtp_head_loss(out.logits, out.mtp_logits, tokens, loss_mask, mtp_config.loss,
-                                      mtp_config.temperature)
-    total = mtp_loss
-    if mtp_config.mode == "joint":
-        trunk_ce = next_token_ce(out.logits, tokens, loss_mask)
-        metrics["trunk/ce"] = trunk_ce
-        total = trunk_ce + mtp_config.mtp_weight * mtp_loss
-    metrics["loss"] = total
-    return total, metrics
-
-
 LossFn = Callable[[dict, dict, Any], tuple[Array, dict]]  # (trainable, frozen, batch) -> (loss, metrics)
-
-
-def mtp_loss(model_config: ModelConfig, mtp_config: MTPConfig) -> LossFn:
-    """The loss of MTP / base training (``loss_fn``) for these configs."""
-    return functools.partial(loss_fn, model_config=model_config, mtp_config=mtp_config)
 
 
 def train_step(state: TrainState, batch: Any, *, loss: LossFn,

@@ -1,4 +1,4 @@
-"""metrics_log: TensorBoard round trip, atomic results.json, run dirs, progress, tables."""
+"""bebop_jax.run: TensorBoard round trip, atomic results.json, run dirs, progress, tables."""
 
 import dataclasses
 import io
@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bebop_jax.train import metrics_log
-from bebop_jax.train.metrics_log import (
+from bebop_jax.run import (
     MetricLogger,
     Progress,
+    cached_json,
     ensure_run_dir,
     format_table,
     print_table,
     progress,
     write_results_json,
 )
+from bebop_jax.run import files as run_files
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -107,7 +108,7 @@ def test_results_json_is_replaced_atomically_or_not_at_all(tmp_path, monkeypatch
     # A crash after the new bytes were written but before the rename: old file intact.
     def failing_fsync(fd):
         raise OSError(5, "simulated I/O error")
-    monkeypatch.setattr(metrics_log.os, "fsync", failing_fsync)
+    monkeypatch.setattr(run_files.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="simulated"):
         write_results_json(tmp_path, {"version": 3, "payload": list(range(10000))})
     monkeypatch.undo()
@@ -134,7 +135,7 @@ def test_run_dir_without_write_permission_is_reported(tmp_path, monkeypatch):
     # Tests run as root, which ignores permission bits: simulate what a user would get.
     def denied(dir, prefix):
         raise PermissionError(13, "Permission denied", os.path.join(dir, prefix))
-    monkeypatch.setattr(metrics_log.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(run_files.tempfile, "mkstemp", denied)
     with pytest.raises(ValueError, match=r"'.*locked' is not a writable directory "
                                          r"\(Permission denied: .*locked/.write_probe_\)"):
         ensure_run_dir(tmp_path / "locked")
@@ -205,3 +206,18 @@ def test_table_aligns_numbers_right_and_text_left():
     ]
     with pytest.raises(ValueError, match=r"rows\[0\] has 2 values for 3 columns"):
         format_table([[1, 2]], ["a", "b", "c"])
+
+
+def test_cached_json_computes_once_and_reads_back(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.float32(1.5), "rows": np.arange(3)}
+
+    path = tmp_path / "stage" / "summary.json"
+    first = cached_json(path, compute)
+    second = cached_json(path, compute)
+    assert calls == [1]  # the second call read the file
+    assert first == second == {"x": 1.5, "rows": [0, 1, 2]}
+    assert not [p for p in path.parent.iterdir() if p.name != "summary.json"]  # no temp file left

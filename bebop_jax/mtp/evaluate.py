@@ -1,4 +1,4 @@
-"""Evaluation: task accuracy, teacher-forced acceptance and policy entropy.
+"""Teacher-forced acceptance of the MTP heads, and the policy's entropy.
 
 Teacher-forced acceptance is what the MTP losses optimise: on sequences the
 base model sampled itself, depth k's draft q at position t is compared with the
@@ -11,15 +11,15 @@ real speculative decoding in expectation; both are reported.
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bebop_jax.config import ModelConfig
-from bebop_jax.model import Policy
-from bebop_jax.train.step import mtp_targets
+from bebop_jax.model.policy import Policy
+from bebop_jax.mtp.objective import mtp_targets
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "temperature"))
@@ -81,11 +81,3 @@ def teacher_forced_acceptance(params, model_config: ModelConfig, batches: Iterab
         "entropy": float(t["entropy"]) / max(float(t["entropy_count"]), 1.0),
         "per_row_mean_accepted": per_row,  # each row's mean E[accepted] over its fully scored positions
     }
-
-
-def grade_all(task, examples: Sequence, texts: Sequence[str]) -> dict:
-    """Mean reward of ``texts`` against ``examples`` with the task's grader."""
-    grades = [task.grade(ex, text) for ex, text in zip(examples, texts)]
-    rewards = [g.reward for g in grades]
-    return {"accuracy": float(np.mean(rewards)) if rewards else 0.0, "n": len(rewards), "grades": grades}
-

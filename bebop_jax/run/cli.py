@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import tyro
 
-from bebop_jax.train.metrics_log import ensure_run_dir
+from bebop_jax.run.files import ensure_run_dir
 
 T = TypeVar("T")
 
