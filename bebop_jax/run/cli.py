@@ -1,4 +1,4 @@
-"""What every experiment script shares: CLI parsing, run directories, clean failures."""
+"""What every experiment script shares: CLI parsing, refused flags, run directories, clean failures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import tyro
 
@@ -47,3 +47,21 @@ def run_main(fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted: the latest checkpoint is kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def refuse_flags(args: Any, why: Mapping[str, str]) -> None:
+    """Refuse flags this script cannot honour, instead of silently replacing them.
+
+    ``why`` maps a field path of ``args`` ("rl.mtp_strategy") to the reason the script
+    sets that value itself. A value that differs from the script's default raises one
+    UserError naming the flag as the command line spells it (``--rl.mtp-strategy``).
+    """
+    default = type(args)()
+    for path, reason in why.items():
+        given, base = args, default
+        for part in path.split("."):
+            given, base = getattr(given, part), getattr(base, part)
+        if given != base:
+            *outer, last = path.split(".")
+            flag = "--" + ".".join(outer + [last.replace("_", "-") if outer else last])
+            raise UserError(f"{flag}: {reason}; this script does not take it")
