@@ -3,13 +3,12 @@
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "experiments"), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import toy_tasks  # noqa: E402,F401  (registers ascii_first)
-import rl  # noqa: E402
 
+from bebop_jax.rl.stage import RLArgs, run_rl  # noqa: E402
 from bebop_jax.run import parse, run_main  # noqa: E402
 
 if __name__ == "__main__":
-    run_main(lambda: rl.main(parse(rl.RLArgs)))
+    run_main(lambda: run_rl(parse(RLArgs)))

@@ -34,6 +34,7 @@ def _load_params(policy_dir):
     return load_policy(policy_dir)[1]
 
 
+@pytest.mark.slow
 def test_pretrain_base_resumes_bitwise_after_kill9(tmp_path):
     steps = ["--train.num-steps", "12", "--train.ckpt-every", "3", "--eval-examples", "0"]
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
@@ -60,13 +61,14 @@ def test_pretrain_base_resumes_bitwise_after_kill9(tmp_path):
     assert not np.array_equal(np.asarray(fresh["layers_0"]["mlp"]["up_proj"]), np.asarray(a["layers_0"]["mlp"]["up_proj"]))
 
 
+@pytest.mark.slow
 def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
     run = tmp_path / "mtp"
     # --loss all: every loss trains from the same frozen base (the state donation must not eat it)
     args = ["--run_dir", str(run), "--loss", "all", "--distill-prompts", "32", "--eval-prompts", "16",
-            "--eval-temperatures", "1.0", "--num-draft", "2", "--max-new-tokens", "24", "--batch-size-decode", "16",
+            "--eval-temperatures", "1.0", "--num_draft", "2", "--max-new-tokens", "24", "--batch-size-decode", "16",
             "--train.num-steps", "2", "--train.batch-size", "8", "--train.seq-len", "96",
-            "--optimizer.warmup-steps", "1", "--optimizer.decay-steps", "10", "--warm-start-steps", "2",
+            "--optimizer.warmup-steps", "1", "--warm-start-steps", "2",
             *[a.replace("--", "--base.", 1) if a.startswith("--") else a for a in TINY_BASE],
             "--base.train.num-steps", "4", "--base.eval-examples", "0"]
     out = _run("pretrain_mtp.py", args)
@@ -102,10 +104,11 @@ def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
         assert (study / png).stat().st_size > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args,needle", [
     ("pretrain_mtp.py", ["--loss", "bogus"], "loss"),
     ("pretrain_mtp.py", ["--tasks", "no_such_task"], "no_such_task"),
-    ("pretrain_mtp.py", ["--base_dir", "/nonexistent/base"], "base_dir"),
+    ("pretrain_mtp.py", ["--policy_dir", "/nonexistent/base"], "policy_dir"),
     ("bench_decode.py", ["--task", "no_such_task"], "no_such_task"),
     ("bench_decode.py", ["--adversarial", "--agreeing-heads"], "agreeing_heads"),
 ])
@@ -116,6 +119,7 @@ def test_bad_input_one_error_line(tmp_path, script, args, needle):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -126,6 +130,7 @@ def test_unwritable_run_dir(tmp_path):
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_mismatched_base_checkpoint_is_refused_and_kept(tmp_path):
     import jax
     from bebop_jax.config import ModelConfig
@@ -150,9 +155,9 @@ def test_mtp_training_starts_from_the_heads_an_hf_checkpoint_ships(tmp_path):
     from bebop_jax.model import init_params
     from bebop_jax.model import init_mtp_params
     from bebop_jax.model.hf import CONFIG_FILE, SINGLE_FILE, export_hf_checkpoint, load_hf_checkpoint
+    from bebop_jax.model.source import find_policy
+    from bebop_jax.mtp import pretrain as pretrain_mtp
     from bebop_jax.run import UserError
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import pretrain_mtp
 
     cfg = ModelConfig.tiny(num_mtp_depths=2)
     shipped = init_params(cfg, jax.random.key(3))
@@ -163,9 +168,9 @@ def test_mtp_training_starts_from_the_heads_an_hf_checkpoint_ships(tmp_path):
     save_file({k: v for k, v in tensors.items() if not k.startswith("mtp.")}, tmp_path / "trunk_only" / SINGLE_FILE)
 
     def start(path, **kw):
-        args = pretrain_mtp.MTPArgs(hf_checkpoint=str(path), **kw)
+        args = pretrain_mtp.MTPArgs(policy_dir=str(path), **kw)
         config, base = load_hf_checkpoint(path)
-        heads, from_file = pretrain_mtp.starting_heads(args, config, base, None)
+        heads, from_file = pretrain_mtp.starting_heads(args, config, base, None, find_policy(path))
         fresh = init_mtp_params(config, jax.random.key(args.train.seed + 7))
         same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
         return from_file, same(heads, {"mtp_0": shipped["mtp_0"]}), same(heads, fresh)
@@ -178,8 +183,10 @@ def test_mtp_training_starts_from_the_heads_an_hf_checkpoint_ships(tmp_path):
     # shipped heads of another width than asked for are refused, not silently reshaped
     config, base = load_hf_checkpoint(tmp_path / "with_heads")
     narrow = dataclasses.replace(config, mtp_intermediate_size=8)
-    args = pretrain_mtp.MTPArgs(hf_checkpoint=str(tmp_path / "with_heads"), mtp_intermediate_size=8)
+    args = pretrain_mtp.MTPArgs(policy_dir=str(tmp_path / "with_heads"), mtp_intermediate_size=8)
+    source = find_policy(args.policy_dir)
     with pytest.raises(UserError, match="are 64 wide; add --fresh_heads"):
-        pretrain_mtp.starting_heads(args, narrow, base, None)
-    heads, from_file = pretrain_mtp.starting_heads(dataclasses.replace(args, fresh_heads=True), narrow, base, None)
+        pretrain_mtp.starting_heads(args, narrow, base, None, source)
+    heads, from_file = pretrain_mtp.starting_heads(dataclasses.replace(args, fresh_heads=True), narrow, base, None,
+                                                   source)
     assert not from_file and heads["mtp_0"]["layer"]["mlp"]["up_proj"].shape == (config.hidden_size, 8)

@@ -163,7 +163,7 @@ def _rl_cmd(run_dir, policy_dir, *extra):
     return [sys.executable, str(ROOT / "tests" / "rl_worker.py"), "--run_dir", str(run_dir), "--policy_dir",
             str(policy_dir), "--tasks", "ascii_first", "--rl.prompt-len", "12", "--rl.num-steps", "6", "--rl.prompts-per-step", "2", "--grpo.group-size", "4",
             "--rl.decode-batch", "8", "--rl.max-new-tokens", "8", "--rl.eval-prompts", "2",
-            "--rl.eval-samples", "1", "--rl.eval-every", "6", "--rl.ckpt-every", "1", "--spec.num-draft", "2",
+            "--rl.eval-samples", "1", "--rl.eval-every", "6", "--rl.ckpt-every", "1", "--num_draft", "2",
             *extra]
 
 
@@ -176,6 +176,7 @@ def tiny_policy(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_rl_resumes_bitwise_after_kill9(tmp_path, tiny_policy):
     from bebop_jax.model.params_io import load_policy
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
@@ -204,6 +205,7 @@ def test_rl_resumes_bitwise_after_kill9(tmp_path, tiny_policy):
     assert res["config"]["optimizer"]["decay_steps"] == 6 and res["config"]["optimizer"]["min_lr_ratio"] == 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--grpo.group-size", "1"], "group_size"),
     (["--grpo.aggregation", "seq-sum"], "aggregation"),
@@ -219,16 +221,18 @@ def test_rl_bad_config_one_error_line_and_nothing_written(tmp_path, tiny_policy,
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_rl_refuses_a_policy_without_trained_heads_for_speculative_rollouts(tmp_path, tiny_policy):
     run_dir = tmp_path / "run"
     out = subprocess.run(_rl_cmd(run_dir, tiny_policy / "base"), env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "--spec.method none" in lines[0], out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--spec_method none" in lines[0], out.stderr
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_rl_default_policy_missing_says_what_to_run(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / "rl.py"), "--run_dir", str(tmp_path / "r")],
                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -259,12 +263,13 @@ def test_kl_to_the_starting_policy_is_zero_on_the_first_step_and_grows(tmp_path)
     assert kl[0] == 0.0 and kl[1] > 0.0, kl  # the reference is the starting policy, held fixed
 
 
+@pytest.mark.slow
 def test_bench_rl_reports_each_setup(tmp_path, tiny_policy):
     """experiments/bench_rl.py end to end, tiny: a sync and an async setup, their table, plot and results."""
     run = tmp_path / "bench"
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_rl.py"), "--run_dir", str(run),
                           "--policy_dir", str(tiny_policy / "mtp"), "--setups", "sync-vanilla", "async-spec",
-                          "--steps", "3", "--warmup", "1", "--num-draft", "2", "--rl.prompts-per-step", "2",
+                          "--rl.num-steps", "3", "--warmup", "1", "--num_draft", "2", "--rl.prompts-per-step", "2",
                           "--grpo.group-size", "2", "--rl.max-new-tokens", "8"],
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
