@@ -23,12 +23,12 @@ from bebop_jax.run.cli import config_dict, prepare_run_dir, refuse_flags
 from bebop_jax.run.files import write_json_atomic, write_results_json
 from bebop_jax.run.metrics import MetricLogger
 from bebop_jax.run.tables import print_table
-from bebop_jax.tasks import get_task, list_tasks
+from bebop_jax.tasks import check_task_names, get_task
 
 # Flags every setup sets itself: refused rather than silently replaced.
 REFUSED = {
-    "rl.async_rollouts": "each setup sets it (sync-* off, async-* on); choose setups with --setups",
     "rl.rollout_devices": "async setups put rollouts on one of two devices, sync setups share one",
+    "rl.async_rollouts": "each setup sets it (sync-* off, async-* on); choose setups with --setups",
 }
 
 SETUPS = ("sync-vanilla", "sync-spec", "async-vanilla", "async-spec")
@@ -54,9 +54,7 @@ class BenchRLArgs:
         bad = [s for s in self.setups if s not in SETUPS]
         if not self.setups or bad:
             raise ValueError(f"setups: must be a non-empty subset of {SETUPS}, got {self.setups!r}")
-        unknown = [t for t in self.tasks if t not in list_tasks()]
-        if unknown:
-            raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
+        check_task_names(self.tasks)
         if not self.rl.num_steps > self.warmup >= 0:
             raise ValueError(f"warmup: must be in [0, rl.num_steps={self.rl.num_steps}), got {self.warmup!r}")
         if self.smooth < 1:

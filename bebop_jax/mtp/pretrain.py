@@ -44,7 +44,7 @@ from bebop_jax.run.files import cached_json, write_results_json
 from bebop_jax.run.metrics import MetricLogger
 from bebop_jax.run.tables import print_table
 from bebop_jax.sampling import SamplingConfig
-from bebop_jax.tasks import get_task, grade_all, list_tasks
+from bebop_jax.tasks import check_task_names, get_task, grade_all
 from bebop_jax.train.base import BaseArgs, pretrain_base
 from bebop_jax.train.loop import run_training
 from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step
@@ -78,9 +78,7 @@ class MTPArgs:
     def __post_init__(self):
         if self.loss not in LOSS_NAMES + ("all",):
             raise ValueError(f"loss: must be one of {LOSS_NAMES + ('all',)}, got {self.loss!r}")
-        unknown = [t for t in self.tasks if t not in list_tasks()]
-        if unknown:
-            raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
+        check_task_names(self.tasks)
         if self.fresh_heads and not self.policy_dir:
             raise ValueError("fresh_heads: only means something with a Hugging Face --policy_dir "
                              "(other bases ship no trained heads)")

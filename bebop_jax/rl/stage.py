@@ -23,7 +23,7 @@ from bebop_jax.run.cli import config_dict, prepare_run_dir, refuse_flags
 from bebop_jax.run.files import write_results_json
 from bebop_jax.run.metrics import MetricLogger
 from bebop_jax.run.tables import print_table
-from bebop_jax.tasks import get_task, list_tasks
+from bebop_jax.tasks import check_task_names, get_task
 
 # Flags the stage sets itself: refused rather than silently replaced.
 REFUSED = {"optimizer.decay_steps": "the learning rate decays over --rl.num-steps"}
@@ -46,11 +46,7 @@ class RLArgs:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        unknown = [t for t in self.tasks if t not in list_tasks()]
-        if unknown:
-            raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
-        if not self.tasks:
-            raise ValueError("tasks: give at least one")
+        check_task_names(self.tasks)
         if self.rl.eval_prompts < 1:
             raise ValueError("rl.eval_prompts: rl.py reports held-out accuracy before and after RL; use >= 1")
         self.spec  # validates spec_method / num_draft / adaptive_draft

@@ -14,7 +14,8 @@ guess_the_number, tower_of_hanoi, frozen_lake. ``python -m bebop_jax.tasks.show
 
 from bebop_jax.tasks import agentic, code_tasks, math_tasks  # noqa: F401  (register tasks)
 from bebop_jax.tasks.base import (Chooser, Env, Example, Grade, StepResult, Task, Turn,
-                                  extract_answer, get_task, grade_all, join_turns, list_tasks)
+                                  check_task_names, extract_answer, get_task, grade_all, join_turns,
+                                  list_tasks)
 from bebop_jax.tasks.code_tasks import extract_code
 from bebop_jax.tasks.sandbox import (ExecResult, SandboxLimits, SandboxUnavailable, execute,
                                      execute_many)
@@ -23,6 +24,6 @@ SMALL_SCALE_TASKS = ("arithmetic", "countdown", "code_expr", "calculator")
 
 __all__ = [
     "Chooser", "Env", "Example", "ExecResult", "Grade", "SMALL_SCALE_TASKS", "SandboxLimits",
-    "SandboxUnavailable", "StepResult", "Task", "Turn", "execute", "execute_many",
+    "SandboxUnavailable", "StepResult", "Task", "Turn", "check_task_names", "execute", "execute_many",
     "extract_answer", "extract_code", "get_task", "grade_all", "join_turns", "list_tasks",
 ]

@@ -327,6 +327,15 @@ def list_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_task_names(names: Sequence[str], *, field: str = "tasks") -> None:
+    """Raise ValueError("field: ...") unless ``names`` is a non-empty list of registered tasks."""
+    if not names:
+        raise ValueError(f"{field}: give at least one task; valid: {list_tasks()}")
+    unknown = [t for t in names if t not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"{field}: unknown {unknown}; valid: {list_tasks()}")
+
+
 def get_task(name: str, difficulty: int = 1) -> Task:
     """The task called ``name`` at ``difficulty`` (1 = the small-scale default)."""
     if name not in _REGISTRY:

@@ -21,7 +21,7 @@ from bebop_jax.model import init_params
 from bebop_jax.model.params_io import save_policy
 from bebop_jax.parallel import make_mesh, maybe_initialize_distributed
 from bebop_jax.sampling import SamplingConfig
-from bebop_jax.tasks import get_task, grade_all, list_tasks
+from bebop_jax.tasks import check_task_names, get_task, grade_all
 from bebop_jax.run.cli import UserError, config_dict, prepare_run_dir
 from bebop_jax.train.loop import run_training
 from bebop_jax.run.metrics import MetricLogger
@@ -52,9 +52,7 @@ class BaseArgs:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        unknown = [t for t in self.tasks if t not in list_tasks()]
-        if unknown:
-            raise ValueError(f"tasks: unknown {unknown}; valid: {list_tasks()}")
+        check_task_names(self.tasks)
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
