@@ -50,7 +50,7 @@ def test_never_accepted_heads_settle_on_vanilla():
     for i in range(4):
         res = generate(params, CFG, PROMPTS, LENS, jax.random.key(i), max_new_tokens=12,
                        sampling=SamplingConfig(temperature=1.0), spec=SPEC, controller=ctl)
-        assert res.stats["num_draft"] == ctl.chosen[-1] == res.stats["adaptive"]["draft_length"]
+        assert res.stats.num_draft == ctl.chosen[-1] == res.stats.adaptive["draft_length"]
     assert ctl.chosen[0] == K, ctl.chosen  # the prior (0.8) made it draft the most ...
     assert ctl.chosen[1:] == [0, 0, 0], (ctl.chosen, ctl.alpha)  # ... and one call showed it does not pay
     assert ctl.alpha[0] < 0.05
@@ -79,7 +79,7 @@ def test_agreeing_heads_settle_on_the_largest_draft():
                        sampling=SamplingConfig(temperature=0.0), spec=SPEC, controller=ctl)
     assert ctl.chosen == [K, K, K], ctl.chosen
     assert np.all(ctl.alpha > 0.5), ctl.alpha
-    assert res.stats["mean_accepted"] > 1.5, res.stats
+    assert res.stats.mean_accepted > 1.5, res.stats
 
 
 def test_bad_input_names_the_field():

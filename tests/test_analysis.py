@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from bebop_jax.analysis import (acceptance_through_training, entropy_law, gap_summary,
-                                gap_vs_entropy, linear_fit, plot_acceptance_through_training,
-                                plot_curves, plot_entropy_law, plot_gap_vs_entropy,
-                                save_figure)
+                                gap_vs_entropy, linear_fit, losses_summary,
+                                plot_acceptance_through_training, plot_curves, plot_entropy_law,
+                                plot_gap_vs_entropy, save_figure, strategies_summary,
+                                study_report, why_not_linear, write_report)
 
 # Rejection points all lie on 0.95 - 0.25 * H; greedy (R1-R3) fits -0.75 H + 59/60, R² 27/28.
 RECORDS = [
@@ -236,3 +237,96 @@ def test_plots_reject_empty_input():
         plot_curves({}, xlabel="x", ylabel="y", title="t")
     with pytest.raises(ValueError, match="curves"):
         plot_curves({"a": ([], [])}, xlabel="x", ylabel="y", title="t")
+
+
+# ---------------------------------------------------------------- the study's summaries and report
+
+def _rl_history(accepted, seconds, entropy=(0.5, 0.4)):
+    return [{"step": i, "mean_accepted": a, "train_seconds": t,
+             "entropy": entropy[0] if i == 0 else entropy[1]} for i, (a, t) in enumerate(zip(accepted, seconds))]
+
+
+STUDY_HISTORY = {
+    "frozen": _rl_history([1.6, 1.6, 1.6, 1.58, 1.58, 1.58], [9.0, 5.0, 1.0, 1.0, 1.2, 0.8]),
+    "online_ce": _rl_history([1.2, 1.2, 1.2, 1.8, 1.9, 2.0], [9.0, 5.0, 1.5, 1.5, 1.5, 1.5]),
+}
+
+
+def test_strategies_summary():
+    import scipy.stats
+    out = strategies_summary(STUDY_HISTORY, num_draft=2)
+    f, o = out["frozen"], out["online_ce"]
+    assert f["mean_accepted_start"] == pytest.approx(1.6) and f["mean_accepted_end"] == pytest.approx(1.58)
+    assert f["acceptance_start"] == pytest.approx(0.8) and f["acceptance_end"] == pytest.approx(0.79)
+    assert f["train_seconds"] == pytest.approx(1.0) and f["train_cost_ratio"] == 1.0  # median past the compiles
+    assert o["train_seconds"] == pytest.approx(1.5) and o["train_cost_ratio"] == pytest.approx(1.5)
+    assert (f["entropy_start"], f["entropy_end"]) == (0.5, 0.4)
+    assert o["last10_mean_accepted"] == [1.2, 1.2, 1.2, 1.8, 1.9, 2.0]
+    p = scipy.stats.ttest_ind(o["last10_mean_accepted"], f["last10_mean_accepted"], equal_var=False).pvalue
+    assert o["end_vs_frozen_pvalue"] == pytest.approx(p) and "end_vs_frozen_pvalue" not in f
+    alone = strategies_summary({"online_ce": STUDY_HISTORY["online_ce"]}, num_draft=2)["online_ce"]
+    assert alone["train_cost_ratio"] is None and "end_vs_frozen_pvalue" not in alone
+
+
+def _pretrain_results():
+    acc = lambda rej, greedy: {"rejection": {"1.0": {"mean_accepted": rej}}, "greedy": {"1.0": {"mean_accepted": greedy}}}
+    tf = lambda v: {"1.0": {"mean_accepted": {"rejection": v}}}
+    return {"num_draft": 2, "acceptance": {"ce": acc(1.0, 0.8), "kl": acc(1.2, 0.9), "e2e_tv": acc(1.4, 1.0)},
+            "teacher_forced": {"ce": tf(0.9), "kl": tf(1.1), "e2e_tv": tf(1.3)}}
+
+
+def test_losses_summary():
+    import scipy.stats
+    rows = {"ce": [1.0, 0.5, 0.7, 0.2, 0.9, 0.4], "e2e_tv": [1.3, 0.9, 0.6, 0.8, 1.4, 0.7]}
+    out = losses_summary(_pretrain_results(), rows)
+    assert out["temperature"] == "1.0" and out["num_draft"] == 2
+    assert out["table"]["e2e_tv"] == {"accept_rate": 0.7, "greedy_accept_rate": 0.5,
+                                      "teacher_forced_mean_accepted": 1.3}
+    assert set(out["tests"]) == {"e2e_tv-ce"}  # no per-prompt rows for kl: no test
+    t = out["tests"]["e2e_tv-ce"]
+    diff = np.subtract(rows["e2e_tv"], rows["ce"])
+    assert t["accept_rate_points"] == pytest.approx(20.0)
+    assert t["teacher_forced_diff"] == pytest.approx(diff.mean()) and t["n_prompts"] == 6
+    assert t["e2e_tv_better_on"] == 5
+    assert t["paired_t_pvalue"] == pytest.approx(scipy.stats.ttest_rel(rows["e2e_tv"], rows["ce"]).pvalue)
+    assert t["wilcoxon_pvalue"] == pytest.approx(scipy.stats.wilcoxon(diff).pvalue)
+
+
+def _study_results(strategies):
+    sweep = [dict(r, temperature=t, acceptance={"rejection": a, "greedy": a - 0.1})
+             for r, t, a in [({"entropy": 0.1}, 0.5, 0.70), ({"entropy": 0.2}, 0.5, 0.72),
+                             ({"entropy": 0.3}, 1.0, 0.80), ({"entropy": 0.4}, 1.0, 0.74)]]
+    law = entropy_law(sweep)
+    gaps = gap_vs_entropy(sweep)
+    config = {"policy_dir": "P/policy", "pretrain_mtp_dir": "P", "num_draft": 2, "tasks": ["arithmetic"],
+              "temperatures": [0.5, 1.0], "sweep_prompts": 8, "sweep_batch": 4, "alpha": 0.05,
+              "rl": {"num_steps": 6}}
+    return {"entropy_law": {m: law[m] for m in ("rejection", "greedy")}, "gap_summary": gap_summary(gaps),
+            "sweep": sweep, "strategies": strategies_summary(strategies, 2),
+            "losses": losses_summary(_pretrain_results(), {"ce": [1.0, 0.5, 0.7, 0.2, 0.9, 0.4],
+                                                           "e2e_tv": [1.3, 0.9, 0.6, 0.8, 1.4, 0.7]}),
+            "plots": {"entropy_law": "plots/entropy_law.png", "gap_vs_entropy": "plots/gap_vs_entropy.png",
+                      "acceptance_through_rl": "plots/acceptance_through_rl.png"}, "config": config}
+
+
+def test_write_report(tmp_path):
+    r = _study_results(STUDY_HISTORY)
+    text = write_report(r, tmp_path)
+    assert (tmp_path / "report.md").read_text() == text == study_report(r)
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+        assert heading in text
+    assert "`P/policy`" in text and "GRPO for 6 steps" in text and "K = 2" in text
+    assert "**Not reproduced to the R² ≥ 0.9 goal**" in text and why_not_linear(r["sweep"]) in text
+    assert "| e2e_tv-ce | +20.0 |" in text and "| online_ce |" in text and "1.50x" in text
+    assert ("**Reproduced**: the frozen heads' accept rate moved by -0.010 through RL, and no online strategy "
+            "ended significantly higher.") in text
+    assert "](plots/acceptance_through_rl.png)" in text
+    # without a frozen arm: no cost ratio, no verdict on finding 4, and no crash
+    alone = study_report(_study_results({"online_ce": STUDY_HISTORY["online_ce"]}))
+    assert "| - | - |" in alone and "the frozen heads" not in alone
+
+
+def test_why_not_linear_reads_its_numbers():
+    text = why_not_linear(_study_results(STUDY_HISTORY)["sweep"])
+    assert "0.10–0.40 nats" in text and "0.70–0.80" in text
+    assert "0.710 at T = 0.5" in text and "0.770 at T = 1.0" in text and "0.610 at T = 0.5" in text

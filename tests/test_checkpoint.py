@@ -89,6 +89,7 @@ def _run_worker(ckpt_dir: Path, out: Path, log: Path, kill_on_line: str | None =
     return lines, rc
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_and_mid_run_then_resume_is_bitwise_exact(tmp_path):
     ref_lines, rc = _run_worker(tmp_path / "ref", tmp_path / "ref.npz", tmp_path / "ref.log")
     assert rc == 0 and ref_lines[-1] == "done", (tmp_path / "ref.log").read_text()[-3000:]

@@ -85,7 +85,7 @@ def test_vanilla_greedy_logprobs_and_entropy_match_teacher_forcing():
 def test_spec_greedy_logprobs_and_entropy_match_teacher_forcing(method, k):
     """Speculative decoding at T = 0 (the runs of the token-exactness test, with EOS)."""
     res = greedy_spec_run(method, k)
-    assert res.stats["mean_accepted"] > 0.3, res.stats  # multi-token steps: values come from verify positions > 0
+    assert res.stats.mean_accepted > 0.3, res.stats  # multi-token steps: values come from verify positions > 0
     check_against_teacher_forced(res, params_for("greedy"), CFG, PROMPTS, PROMPT_LENS,
                                  SamplingConfig(temperature=0.0))
 
@@ -158,8 +158,8 @@ def test_generate_fn_jitted_on_a_two_device_sub_mesh_matches_generate():
     np.testing.assert_array_equal(np.asarray(out.tokens), ref.tokens)
     np.testing.assert_array_equal(np.asarray(out.lengths), ref.lengths)
     np.testing.assert_allclose(np.asarray(out.logprobs), ref.logprobs, atol=1e-5)
-    assert int(np.asarray(out.accepted).sum()) == round(ref.stats["mean_accepted"] * ref.stats["row_steps"])
-    assert int(np.asarray(out.verify_steps).sum()) == ref.stats["row_steps"]
+    assert int(np.asarray(out.accepted).sum()) == round(ref.stats.mean_accepted * ref.stats.row_steps)
+    assert int(np.asarray(out.verify_steps).sum()) == ref.stats.row_steps
 
 
 def test_generate_fn_refuses_bad_configurations():

@@ -324,7 +324,7 @@ def test_mtp_caches_exact_after_prefill():
 def test_mtp_caches_exact_after_greedy_generation():
     """The state the real loop leaves after many steps (accepts, rejections, EOS-stopped rows)."""
     res = greedy_spec_run("rejection", K_MAX)
-    assert res.stats["per_depth_acceptance"][0] < 1.0
+    assert res.stats.per_depth_acceptance[0] < 1.0
     teacher_forced_check(params_for("greedy"), CFG, res.state, K_MAX, GREEDY, "rejection", jax.random.key(4))
 
 
@@ -335,7 +335,7 @@ def test_mtp_caches_exact_after_sampled_generation_one_module_per_depth():
     which decide when each MTP cache entry was last written.
     """
     res = dist_run("rejection")[1]
-    assert res.stats["mean_accepted"] > 1.0, res.stats
+    assert res.stats.mean_accepted > 1.0, res.stats
     state = jax.tree.map(lambda x: x[:6], res.state)
     teacher_forced_check(params_for("dist"), CFG_M4, state, DIST_SPECS["rejection"].num_draft, DIST_SAMPLING,
                          "rejection", jax.random.key(8))

@@ -156,6 +156,7 @@ def _copy(path, tmp_path) -> str:
 
 
 # -- parity with transformers -------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers_and_survive_round_trip(hf_checkpoints, case, tmp_path):
     model, path, mtp = hf_checkpoints[case]
@@ -231,6 +232,7 @@ def _torch_mtp_depth1(model, mtp: dict, tokens: np.ndarray) -> np.ndarray:
         return model.lm_head(norm_out(x)).numpy()
 
 
+@pytest.mark.slow
 def test_mtp_tensors_load_exactly_match_torch_and_survive_export(kv2_mtp, tmp_path):
     model, path, mtp = kv2_mtp
     config, params = load_hf_checkpoint(path, num_mtp_depths=2)

@@ -61,6 +61,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_load_shard_export_and_split_data(tmp_path):
     config = ModelConfig.tiny(num_kv_heads=2, tie_embeddings=False, num_mtp_depths=2)
     rng = np.random.RandomState(0)

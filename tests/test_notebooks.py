@@ -58,6 +58,7 @@ def test_the_notebooks_exist():
     assert set(EXPECTED) <= names, f"missing notebooks: {sorted(set(EXPECTED) - names)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_in_small_mode(path: Path, monkeypatch):
     monkeypatch.setenv("BEBOP_NOTEBOOK_SMALL", "1")

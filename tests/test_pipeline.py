@@ -87,8 +87,13 @@ def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
 
     # The study reads this run (pretrain_mtp's outputs are its input): tiny settings, every part.
     study = tmp_path / "study"
-    out = _run("study.py", ["--run_dir", str(study), "--pretrain_dir", str(run), "--strategies", "frozen",
-                            "online_e2e_tv", "--rl_steps", "4", "--temperatures", "0.5", "1.0", "--num-draft", "2",
+    refused = _run("study.py", ["--run_dir", str(study), "--pretrain_mtp_dir", str(run), "--rl.mtp-strategy",
+                                "online_ce"])
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --rl.mtp-strategy")
+    assert len(refused.stderr.strip().splitlines()) == 1 and not study.exists()
+    out = _run("study.py", ["--run_dir", str(study), "--policy_dir", str(run / "mtp_e2e_tv" / "policy"),
+                            "--pretrain_mtp_dir", str(run), "--strategies", "frozen",
+                            "online_e2e_tv", "--rl.num-steps", "4", "--temperatures", "0.5", "1.0", "--num-draft", "2",
                             "--sweep-prompts", "8", "--sweep-batch", "4", "--rl.prompts-per-step", "2",
                             "--grpo.group-size", "2", "--rl.max-new-tokens", "16"])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -109,7 +114,8 @@ def test_pretrain_mtp_end_to_end_writes_results(tmp_path):
     ("pretrain_mtp.py", ["--loss", "bogus"], "loss"),
     ("pretrain_mtp.py", ["--tasks", "no_such_task"], "no_such_task"),
     ("pretrain_mtp.py", ["--policy_dir", "/nonexistent/base"], "policy_dir"),
-    ("bench_decode.py", ["--task", "no_such_task"], "no_such_task"),
+    ("bench_decode.py", ["--tasks", "no_such_task"], "no_such_task"),
+    ("bench_decode.py", ["--policy_dir", "/nonexistent/policy"], "policy_dir"),
     ("bench_decode.py", ["--adversarial", "--agreeing-heads"], "agreeing_heads"),
 ])
 def test_bad_input_one_error_line(tmp_path, script, args, needle):

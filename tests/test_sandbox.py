@@ -16,6 +16,8 @@ import pytest
 from bebop_jax.tasks import SandboxUnavailable, execute, execute_many
 from bebop_jax.tasks import sandbox as sandbox_mod
 
+pytestmark = pytest.mark.slow
+
 SECRET_DIR = tempfile.mkdtemp(prefix="bebop_test_secret_")
 SECRET_FILE = os.path.join(SECRET_DIR, "secret.txt")
 ESCAPE_FILE = os.path.join(SECRET_DIR, "escaped.txt")

@@ -213,6 +213,7 @@ def test_code_expr_rejects_early_exit_and_syntax_errors():
     assert loop.reward == 0.0 and "timeout" in loop.reason
 
 
+@pytest.mark.slow
 def test_humaneval_all_canonical_solutions_pass_in_the_sandbox():
     task = get_task("humaneval")
     examples = task.all_examples()

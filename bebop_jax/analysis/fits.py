@@ -1,4 +1,5 @@
-"""Entropy / acceptance fits: plain numpy, JSON-able results (Python floats and ints).
+"""Entropy / acceptance fits and the study's tests: plain numpy / scipy, JSON-able results
+(Python floats and ints).
 
 Records (one batch, or one task within a batch, of decoding) are dicts with
 "entropy" (mean token entropy, nats), "acceptance" ({method: rate in [0, 1]}, methods
@@ -12,6 +13,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 METHODS = ("rejection", "greedy")
 
@@ -170,3 +172,66 @@ def acceptance_through_training(history_by_strategy: Mapping[str, Sequence[Mappi
                      "acceptance_end": float(vals[-k:].mean()),
                      "slope_per_step": slope, "n": int(len(rows))}
     return out
+
+
+def strategies_summary(history_by_strategy: Mapping[str, Sequence[Mapping]], num_draft: int) -> dict[str, dict]:
+    """RL with each MTP strategy from the same start, summarised from each run's history
+    (entries with "step", "mean_accepted", "train_seconds", "entropy").
+
+    Per strategy: acceptance at the start / end (as rates, E[accepted] / ``num_draft``, and
+    as E[accepted]), its slope per step, the median train-step seconds past the first two
+    steps (the compiles) and their ratio to "frozen"'s (None without a frozen run), the
+    rollout entropy at the first / last step, the last 10 steps' E[accepted], and (beside
+    a frozen run) the Welch t-test p-value of those against frozen's (None if undefined).
+    """
+    through = acceptance_through_training(history_by_strategy, field="mean_accepted")
+    cost = lambda name: float(np.median([h["train_seconds"] for h in history_by_strategy[name][2:]]))
+    base = cost("frozen") if "frozen" in history_by_strategy else None
+    out = {}
+    for name, t in through.items():
+        hist = history_by_strategy[name]
+        out[name] = {"acceptance_start": t["acceptance_start"] / num_draft,
+                     "acceptance_end": t["acceptance_end"] / num_draft,
+                     "mean_accepted_start": t["acceptance_start"], "mean_accepted_end": t["acceptance_end"],
+                     "slope_per_step": t["slope_per_step"], "train_seconds": cost(name),
+                     "train_cost_ratio": cost(name) / base if base else None,
+                     "last10_mean_accepted": [h["mean_accepted"] for h in hist[-10:]],
+                     "entropy_start": hist[0]["entropy"], "entropy_end": hist[-1]["entropy"]}
+    if "frozen" in out:
+        for name, s in out.items():
+            if name != "frozen":
+                p = scipy.stats.ttest_ind(s["last10_mean_accepted"], out["frozen"]["last10_mean_accepted"],
+                                          equal_var=False).pvalue
+                s["end_vs_frozen_pvalue"] = None if np.isnan(p) else float(p)
+    return out
+
+
+def losses_summary(pretrain_results: Mapping, per_row: Mapping[str, Sequence[float]],
+                   temperature: str = "1.0") -> dict:
+    """The losses compared: pretrain_mtp's acceptance table at ``temperature`` (a key of its
+    results.json), plus paired tests of e2e_tv against ce and kl over the held-out prompts.
+
+    ``per_row[loss]``: each held-out prompt's teacher-forced E[accepted] (rejection), in the
+    same prompt order for every loss; a comparison is made where both losses have rows.
+    Returns {table: {loss: {accept_rate, greedy_accept_rate, teacher_forced_mean_accepted}},
+    temperature, tests: {"e2e_tv-ce" | "e2e_tv-kl": {accept_rate_points, teacher_forced_diff,
+    n_prompts, paired_t_pvalue, wilcoxon_pvalue, e2e_tv_better_on}}, num_draft}.
+    """
+    k = pretrain_results["num_draft"]
+    tf = pretrain_results["teacher_forced"]
+    table = {loss: {"accept_rate": by_m["rejection"][temperature]["mean_accepted"] / k,
+                    "greedy_accept_rate": by_m["greedy"][temperature]["mean_accepted"] / k,
+                    "teacher_forced_mean_accepted": tf[loss][temperature]["mean_accepted"]["rejection"]}
+             for loss, by_m in pretrain_results["acceptance"].items()}
+    rows = {loss: np.asarray(r, dtype=np.float64) for loss, r in per_row.items()}
+    tests = {}
+    for other in ("ce", "kl"):
+        if "e2e_tv" in rows and other in rows:
+            diff = rows["e2e_tv"] - rows[other]
+            tests[f"e2e_tv-{other}"] = {
+                "accept_rate_points": 100 * (table["e2e_tv"]["accept_rate"] - table[other]["accept_rate"]),
+                "teacher_forced_diff": float(diff.mean()), "n_prompts": int(diff.size),
+                "paired_t_pvalue": float(scipy.stats.ttest_rel(rows["e2e_tv"], rows[other]).pvalue),
+                "wilcoxon_pvalue": float(scipy.stats.wilcoxon(diff).pvalue),
+                "e2e_tv_better_on": int((diff > 0).sum())}
+    return {"table": table, "temperature": temperature, "tests": tests, "num_draft": k}

@@ -21,6 +21,7 @@ from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.decode.adaptive import DraftController
 from bebop_jax.decode.compile_cache import compiled
 from bebop_jax.decode.decoder import DecodeOutput, DecodeState, continue_fn, generate_fn, needed_cache_len
+from bebop_jax.decode.stats import DecodeStats
 from bebop_jax.parallel import batch_sharding
 from bebop_jax.sampling import SamplingConfig
 
@@ -31,7 +32,7 @@ class GenerateResult:
     lengths: np.ndarray    # [B] generated tokens per row (EOS included)
     logprobs: np.ndarray   # [B, max_new_tokens] float32 behaviour log-probs, 0 after the end
     entropy: np.ndarray    # [B, max_new_tokens] float32 sampling-distribution entropy (nats), 0 after the end
-    stats: dict
+    stats: DecodeStats     # counts of this call (per-depth acceptance, mean accepted, ...): see decode.stats
     accepted: np.ndarray | None = None      # [B] drafts accepted per row (summed over its verify steps)
     verify_steps: np.ndarray | None = None  # [B] verify steps each row was live in
     state: DecodeState | None = None
@@ -126,7 +127,8 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
     result = _run(compiled(sig, build), args, run_spec, mesh)
     if spec.adaptive:
         controller.observe(result.stats)
-        result.stats["adaptive"] = controller.report(prompts_np.shape[0])
+        result = dataclasses.replace(result, stats=dataclasses.replace(
+            result.stats, adaptive=controller.report(prompts_np.shape[0])))
     return result
 
 
@@ -181,28 +183,6 @@ def continue_generate(params, model_config: ModelConfig, state: DecodeState, new
     return _run(compiled(sig, build, donate=(1,)), args, spec, mesh)
 
 
-def decode_stats(out: DecodeOutput, k: int, method: str) -> dict:
-    """Host stats of a fetched DecodeOutput (numpy arrays), for ``k`` drafts per step."""
-    lengths = np.asarray(out.lengths)
-    verify = np.asarray(out.verify_steps)
-    row_steps = int(verify.sum())
-    accepted = np.asarray(out.depth_accepted).sum(axis=0)[:k]
-    attempted = np.asarray(out.depth_attempted).sum(axis=0)[:k]
-    return {
-        "method": method,
-        "num_draft": k,
-        "per_depth_acceptance": (accepted / np.maximum(attempted, 1)).tolist(),
-        "mean_accepted": float(np.asarray(out.accepted).sum()) / max(row_steps, 1) if k else 0.0,
-        "target_forwards": int(out.steps) + 1,
-        # tokens each row got per target forward it took part in (the prefill emits one)
-        "tokens_per_forward": float(lengths.sum()) / (row_steps + len(lengths)),
-        "tokens_generated": int(lengths.sum()),
-        "row_steps": row_steps,                  # verify steps summed over live rows
-        "accepted_counts": accepted.tolist(),    # depth j accepted
-        "attempted_counts": attempted.tolist(),  # depth j reached
-    }
-
-
 def on_mesh(rows: tuple[np.ndarray, ...], key, mesh: Mesh | None) -> tuple:
     """Host row arrays (and the key) as the decoder's inputs: on ``mesh`` rows split over its
     data x fsdp axes and the key replicated, built from each process's identical copy."""
@@ -254,8 +234,6 @@ def _run(exe, args: tuple, spec: SpecConfig, mesh: Mesh | None) -> GenerateResul
     tokens, floats, ints, state = exe(*args)
     host = _unpack(*(np.asarray(x) for x in fetch((tokens, floats, ints), mesh)))
     seconds = time.perf_counter() - t0
-    stats = decode_stats(host, spec.drafts, spec.method)
-    stats["seconds"] = seconds
-    stats["tokens_per_second"] = stats["tokens_generated"] / max(seconds, 1e-9)
+    stats = DecodeStats.from_output(host, num_draft=spec.drafts, method=spec.method, seconds=seconds)
     return GenerateResult(tokens=host.tokens, lengths=host.lengths, logprobs=host.logprobs, entropy=host.entropy,
                           stats=stats, accepted=host.accepted, verify_steps=host.verify_steps, state=state)

@@ -18,6 +18,7 @@ from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.data.tokenizer import Tokenizer, bos_prefix
 from bebop_jax.sampling import SamplingConfig
 from bebop_jax.decode.host import generate
+from bebop_jax.decode.stats import DecodeStats
 
 
 @dataclasses.dataclass
@@ -28,7 +29,7 @@ class Rollouts:
     logprobs: list[list[float]]      # per generated token: log-prob under its sampling distribution
     entropy: list[list[float]]       # per generated token: that distribution's entropy (nats)
     texts: list[str]                 # decoded responses (special tokens dropped)
-    stats: dict                      # generate() stats merged over batches
+    stats: DecodeStats               # generate() stats pooled over batches (DecodeStats.merge)
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -41,30 +42,6 @@ def pad_prompts(ids: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple
     for i, row in enumerate(ids):
         arr[i, :len(row)] = row
     return arr, np.array([len(r) for r in ids], np.int32)
-
-
-def _merge_stats(all_stats: list[dict]) -> dict:
-    """Combine per-batch stats into totals (acceptance weighted by verify steps)."""
-    if not all_stats:
-        return {}
-    first = all_stats[0]
-    k = max(s["num_draft"] for s in all_stats)  # adaptive calls may differ
-    out = {"method": first["method"], "num_draft": k, "draft_lengths": [s["num_draft"] for s in all_stats]}
-    toks = sum(s["tokens_generated"] for s in all_stats)
-    secs = sum(s["seconds"] for s in all_stats)
-    row_forwards = sum(s["tokens_generated"] / s["tokens_per_forward"] for s in all_stats if s["tokens_per_forward"])
-    steps = [s["row_steps"] for s in all_stats]
-    out["mean_accepted"] = sum(s["mean_accepted"] * n for s, n in zip(all_stats, steps)) / max(sum(steps), 1)
-    pad = lambda counts: np.pad(np.asarray(counts, np.float64), (0, k - len(counts)))
-    acc = np.sum([pad(s["accepted_counts"]) for s in all_stats], axis=0) if k else np.zeros(0)
-    att = np.sum([pad(s["attempted_counts"]) for s in all_stats], axis=0) if k else np.zeros(0)
-    out["per_depth_acceptance"] = (acc / np.maximum(att, 1)).tolist()
-    out["tokens_generated"] = int(toks)
-    out["tokens_per_forward"] = toks / max(row_forwards, 1e-9)
-    out["target_forwards"] = sum(s["target_forwards"] for s in all_stats)
-    out["seconds"] = secs
-    out["tokens_per_second"] = toks / max(secs, 1e-9)
-    return out
 
 
 def rollout(params, model_config: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str], key: jax.Array, *,
@@ -105,4 +82,4 @@ def rollout(params, model_config: ModelConfig, tokenizer: Tokenizer, prompts: Se
         all_stats.append(res.stats)
     texts = [tokenizer.decode(r) for r in responses]
     return Rollouts(prompts=list(prompts), prompt_ids=ids, response_ids=responses, logprobs=logprobs,
-                    entropy=entropy, texts=texts, stats=_merge_stats(all_stats))
+                    entropy=entropy, texts=texts, stats=DecodeStats.merge(all_stats))

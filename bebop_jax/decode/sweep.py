@@ -46,8 +46,8 @@ def acceptance_sweep(params, model_config: ModelConfig, tokenizer: Tokenizer, pr
                 live = np.arange(res.tokens.shape[1])[None, :] < res.lengths[:, None]
                 ent_sum += float(res.entropy[live].sum())
                 tokens += int(live.sum())
-                acc[method] = res.stats["mean_accepted"] / num_draft
-                depth[method] = res.stats["per_depth_acceptance"]
+                acc[method] = res.stats.mean_accepted / num_draft
+                depth[method] = res.stats.per_depth_acceptance
             records.append({"label": label, "task": task, "temperature": float(temp), "batch": start // batch_size,
                             "entropy": ent_sum / max(tokens, 1), "acceptance": acc, "per_depth": depth,
                             "weight": tokens})

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from bebop_jax.config import ModelConfig
+from bebop_jax.model.params import head_params, layer_params
 
 
 def _host_copy(params) -> dict:
@@ -59,21 +60,19 @@ def never_accepted_params(cfg: ModelConfig, params, offset: float = 4.0, trunk_s
         head[:, 0] = 0.0
         p["lm_head"] = head.astype(p["lm_head"].dtype)
     p["norm"]["scale"] = np.ones_like(p["norm"]["scale"])
-    for name, sub in p.items():
-        if name.startswith("layers_"):
-            _scale_layer_outputs(sub, trunk_scale)
-        elif name.startswith("mtp_"):
-            _pass_embedding_through(sub, h, 0.0)
-            sub["norm"]["scale"] = -np.ones_like(sub["norm"]["scale"])
+    for layer in layer_params(p).values():  # the sub-dicts of p, rewritten in place
+        _scale_layer_outputs(layer, trunk_scale)
+    for module in head_params(p).values():
+        _pass_embedding_through(module, h, 0.0)
+        module["norm"]["scale"] = -np.ones_like(module["norm"]["scale"])
     return p
 
 
 def agreeing_params(cfg: ModelConfig, params, scale: float = 0.03) -> dict:
     """Near-Markov trunk, MTP heads that nearly copy it: high acceptance (synthetic)."""
     p = _host_copy(params)
-    for name, sub in p.items():
-        if name.startswith("layers_"):
-            _scale_layer_outputs(sub, scale)
-        elif name.startswith("mtp_"):
-            _pass_embedding_through(sub, cfg.hidden_size, scale)
+    for layer in layer_params(p).values():  # the sub-dicts of p, rewritten in place
+        _scale_layer_outputs(layer, scale)
+    for module in head_params(p).values():
+        _pass_embedding_through(module, cfg.hidden_size, scale)
     return p

@@ -33,6 +33,7 @@ from bebop_jax.data.corpus import rollout_examples
 from bebop_jax.data.pipeline import make_dataset
 from bebop_jax.data.tokenizer import load_tokenizer
 from bebop_jax.decode.rollout import rollout
+from bebop_jax.decode.stats import DecodeStats
 from bebop_jax.model.hf import export_hf_checkpoint
 from bebop_jax.model.params import head_params, init_mtp_params, merge_params, trunk_params
 from bebop_jax.model.params_io import load_policy, save_policy
@@ -192,11 +193,11 @@ def evaluate_spec(args: MTPArgs, params, model_config, tokenizer, tasks, eval_ex
                              batch_size=args.batch_size_decode)
                 stats.append(ro.stats)
                 acc.append(grade_all(task, exs, ro.texts)["accuracy"])
-            steps = [max(s["tokens_generated"] / s["tokens_per_forward"], 1e-9) for s in stats]
+            pooled = DecodeStats.merge(stats)  # over the tasks' prompts
             out[method][str(temp)] = {
-                "mean_accepted": float(np.average([s["mean_accepted"] for s in stats], weights=steps)),
-                "per_depth": np.average([s["per_depth_acceptance"] for s in stats], axis=0, weights=steps).tolist(),
-                "tokens_per_forward": float(np.average([s["tokens_per_forward"] for s in stats], weights=steps)),
+                "mean_accepted": pooled.mean_accepted,
+                "per_depth": list(pooled.per_depth_acceptance),
+                "tokens_per_forward": pooled.tokens_per_forward,
                 "accuracy": float(np.mean(acc)),
             }
     return out

@@ -27,6 +27,7 @@ from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.data.tokenizer import Tokenizer
 from bebop_jax.decode import DraftController, continue_generate, generate
 from bebop_jax.decode.rollout import encode_prompts, pad_prompts
+from bebop_jax.decode.stats import DecodeStats
 from bebop_jax.rl.advantages import group_advantages
 from bebop_jax.rl.batch import RolloutBatch
 from bebop_jax.sampling import SamplingConfig
@@ -54,25 +55,8 @@ class Rollout:
     batch: RolloutBatch        # numpy leaves; place with batch.on(mesh)
     rewards: np.ndarray        # [N]
     tasks: list[str]           # [N] task of each row
-    stats: dict                # decoder stats merged over calls, plus entropy and timing
+    stats: dict                # DecodeStats.to_dict() pooled over the calls, decode_seconds, entropy, timing
     texts: list[str]           # [N] the final assistant turn of each row
-
-
-def _merge(stats: list[dict], k_max: int) -> dict:
-    pad = lambda c: np.pad(np.asarray(c, np.float64), (0, k_max - len(c)))
-    acc = np.sum([pad(s["accepted_counts"]) for s in stats], axis=0)
-    att = np.sum([pad(s["attempted_counts"]) for s in stats], axis=0)
-    row_steps = sum(s["row_steps"] for s in stats)
-    accepted = sum(s["mean_accepted"] * s["row_steps"] for s in stats)
-    return {
-        "per_depth_acceptance": (acc / np.maximum(att, 1)).tolist(),
-        "accepted_counts": acc.tolist(), "attempted_counts": att.tolist(),
-        "mean_accepted": accepted / max(row_steps, 1),
-        "row_steps": row_steps,
-        "tokens_generated": sum(s["tokens_generated"] for s in stats),
-        "decode_seconds": sum(s["seconds"] for s in stats),
-        "draft_lengths": [s["num_draft"] for s in stats],
-    }
 
 
 def _grade(items: Sequence[tuple[Task, Example]], texts: list[str]) -> dict:
@@ -136,18 +120,19 @@ class RolloutWorker:
             raise ValueError("items: need at least one (task, example)")
         t0 = time.perf_counter()
         expanded = [it for it in items for _ in range(group_size)]
-        rows, texts, stats = self.episodes(params, expanded, key)
+        rows, texts, decoded = self.episodes(params, expanded, key)
         rewards = np.array([r.reward for r in rows], np.float32)
         adv = np.asarray(group_advantages(rewards, group_size, std_normalize=std_normalize))
         batch = self._to_batch(rows, adv, version)
         gen = [e for r in rows for e in r.entropy]
-        stats["entropy"] = float(np.mean(gen)) if gen else 0.0
-        stats["rollout_seconds"] = time.perf_counter() - t0
-        stats["response_tokens"] = int(batch.loss_mask.sum())
+        stats = {**decoded.to_dict(), "decode_seconds": decoded.seconds,
+                 "entropy": float(np.mean(gen)) if gen else 0.0,
+                 "rollout_seconds": time.perf_counter() - t0, "response_tokens": int(batch.loss_mask.sum())}
         return Rollout(batch=batch, rewards=rewards, tasks=[t.name for t, _ in expanded], stats=stats, texts=texts)
 
     def episodes(self, params, items: Sequence[tuple[Task, Example]], key: jax.Array):
-        """One episode per item, in fixed-size decode calls: (rows, final texts, merged decoder stats)."""
+        """One episode per item, in fixed-size decode calls: (rows, final texts, the calls' pooled DecodeStats,
+        per-depth lists padded to the spec's draft length)."""
         rows: list[_Row] = []
         texts: list[str] = []
         stats = []
@@ -159,7 +144,7 @@ class RolloutWorker:
             rows += got[:len(part)]
             texts += got_texts[:len(part)]
             stats += got_stats
-        return rows, texts, _merge(stats, max(self.spec.drafts, 1))
+        return rows, texts, DecodeStats.merge(stats, depths=max(self.spec.drafts, 1))
 
     def _to_batch(self, rows: list[_Row], adv: np.ndarray, version: int) -> RolloutBatch:
         n, t = len(rows), self.seq_len
