@@ -31,7 +31,7 @@ import scipy.stats
 
 from bebop_jax import sampling
 from bebop_jax.config import ModelConfig, SpecConfig
-from bebop_jax.model import Policy, abstract_params
+from bebop_jax.model import Policy, abstract_params, head_params, layer_params
 from bebop_jax.sampling import SamplingConfig
 from bebop_jax.decode import decoder as dec
 from bebop_jax.decode import continue_generate, generate
@@ -76,13 +76,14 @@ def random_params(cfg: ModelConfig, seed: int):
 def easy_params(params, trunk_scale: float, mtp_scale: float, hidden_scale: float = 0.0):
     """Near-Markov trunk, MTP depths that nearly copy it (see the module docstring)."""
     p = copy.deepcopy(jax.device_get(params))
+    layers, heads = layer_params(p), head_params(p)
     for name, sub in p.items():
-        if name.startswith("layers_") or name.startswith("mtp_"):
-            layer = sub if name.startswith("layers_") else sub["layer"]
-            s = trunk_scale if name.startswith("layers_") else mtp_scale
+        if name in layers or name in heads:
+            layer = sub if name in layers else sub["layer"]
+            s = trunk_scale if name in layers else mtp_scale
             layer["self_attn"]["o_proj"] = layer["self_attn"]["o_proj"] * s
             layer["mlp"]["down_proj"] = layer["mlp"]["down_proj"] * s
-        if name.startswith("mtp_"):
+        if name in heads:
             h = sub["fc"].shape[1]
             sub["fc"] = np.concatenate([np.eye(h, dtype=np.float32), hidden_scale * sub["fc"][h:]], 0)
     return p

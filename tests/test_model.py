@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from bebop_jax.config import ModelConfig
-from bebop_jax.model import Policy, abstract_params, empty_kv_cache, init_params, shift_tokens
+from bebop_jax.model import (Policy, abstract_params, empty_kv_cache, head_names, head_params, init_params,
+                             shift_tokens, trunk_params)
 
 K = 3
 V = 64
@@ -46,8 +47,8 @@ def params_for(cfg: ModelConfig):
         _SUPERSET["params"] = init_params(tiny(tie_embeddings=False, num_mtp_modules=K),
                                           jax.random.key(0, impl="rbg"))
     full = _SUPERSET["params"]
-    keep = {k: v for k, v in full.items() if not k.startswith("mtp_") and k != "lm_head"}
-    keep.update({f"mtp_{m}": full[f"mtp_{m}"] for m in range(cfg.num_mtp_modules)})
+    keep = {k: v for k, v in trunk_params(full).items() if k != "lm_head"}
+    keep.update({name: full[name] for name in head_names(cfg)})
     if not cfg.tie_embeddings:
         keep["lm_head"] = full["lm_head"]
     if cfg.param_dtype != "float32":
@@ -85,7 +86,8 @@ def test_param_tree_matches_init(variant):
     cfg = tiny(**VARIANTS.get(variant, dict(param_dtype="bfloat16")))
     abstract = abstract_params(cfg)
     h, m = cfg.hidden_size, cfg.num_mtp_modules
-    assert sorted(k for k in abstract if k.startswith("mtp_")) == [f"mtp_{i}" for i in range(m)]
+    assert sorted(head_params(abstract)) == head_names(cfg) == [f"mtp_{i}" for i in range(m)]
+    assert set(trunk_params(abstract)) == set(abstract) - set(head_names(cfg))
     assert abstract["embed_tokens"].shape == (V, h)
     assert abstract["mtp_0"]["fc"].shape == (2 * h, h)  # concat[embedding, hidden] -> H
     assert abstract["layers_0"]["self_attn"]["q_proj"].shape == (h, cfg.num_heads, cfg.head_dim)

@@ -16,7 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bebop_jax.config import LOSS_NAMES, MeshConfig, ModelConfig, MTPConfig, OptimizerConfig
-from bebop_jax.model import Policy, abstract_params, init_params, is_trunk_param, shard_params_for
+from bebop_jax.model import (Policy, abstract_params, head_names, init_params, is_trunk_param, shard_params_for,
+                             trunk_params)
 from bebop_jax.parallel import make_mesh
 from bebop_jax.mtp.objective import loss_fn, mtp_targets
 from bebop_jax.train.step import init_train_state, make_optimizer, make_train_step, split_params
@@ -54,8 +55,8 @@ def host_params(cfg: ModelConfig = CFG) -> dict:
                                     num_mtp_modules=K)
         _HOST["full"] = jax.device_get(init_params(full_cfg, jax.random.key(0, impl="rbg")))
     full = _HOST["full"]
-    keep = {k: v for k, v in full.items() if not k.startswith("mtp_") and k != "lm_head"}
-    keep.update({f"mtp_{m}": full[f"mtp_{m}"] for m in range(cfg.num_mtp_modules)})
+    keep = {k: v for k, v in trunk_params(full).items() if k != "lm_head"}
+    keep.update({name: full[name] for name in head_names(cfg)})
     if not cfg.tie_embeddings:
         keep["lm_head"] = full["lm_head"]
     assert jax.tree.structure(keep) == jax.tree.structure(abstract_params(cfg))
@@ -337,6 +338,7 @@ def joint_runs():
     return runs
 
 
+@pytest.mark.slow
 def test_sharded_losses_match_one_device(joint_runs):
     ref = joint_runs["1dev"]["metrics"]
     assert len(jax.devices()) >= 8
@@ -354,6 +356,7 @@ def test_sharded_losses_match_one_device(joint_runs):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_joint_mode_trains_trunk(joint_runs):
     state = joint_runs["1dev"]["state"]
     host = host_params()
@@ -364,6 +367,7 @@ def test_joint_mode_trains_trunk(joint_runs):
         assert all(changed), top
 
 
+@pytest.mark.slow
 def test_params_sharded_by_rules_table(joint_runs):
     """2x2x2 mesh, tiny config (H=32, 4 heads, 2 KV heads, MLP 64, V=64): by RULES
     embed -> fsdp, heads / kv_heads / mlp / vocab -> model, norms replicated. The sharding
@@ -433,6 +437,7 @@ def test_packed_rows_give_each_example_its_own_loss():
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_batches_rejected_before_compile(joint_runs):
     run, state = joint_runs["2x2x2"]["run"], joint_runs["2x2x2"]["state"]
     compiled_before = run.jitted._cache_size()

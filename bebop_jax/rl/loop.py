@@ -27,7 +27,7 @@ from bebop_jax.rl.batch import RolloutBatch
 from bebop_jax.rl.evaluate import heldout_accuracy
 from bebop_jax.rl.loss import grpo_loss, policy_logprobs
 from bebop_jax.rl.prompts import PromptSchedule
-from bebop_jax.model import shard_params_for
+from bebop_jax.model.params import head_params, shard_params_for
 from bebop_jax.rl.producer import RolloutProducer
 from bebop_jax.rl.rollout import Rollout, RolloutWorker
 from bebop_jax.rl.weights import WeightStore
@@ -42,7 +42,7 @@ from bebop_jax.train.step import make_step, train_state_for
 
 
 def has_mtp_heads(params) -> bool:
-    return any(str(k).startswith("mtp_") for k in params)
+    return bool(head_params(params))
 
 
 @dataclasses.dataclass
