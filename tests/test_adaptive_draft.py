@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bebop_jax.config import SpecConfig
-from bebop_jax.decode import DraftController, expected_tokens, generate
+from bebop_jax.decode import DecodeStats, DraftController, expected_tokens, generate
 from bebop_jax.decode.synthetic import agreeing_params, never_accepted_params
 from bebop_jax.sampling import SamplingConfig
 
@@ -32,7 +32,8 @@ def test_choice_maximises_expected_tokens_per_unit_cost():
     np.testing.assert_allclose(ctl.speedups(4), [1.0, 1.2, 2.44 / 1.7, 2.952 / 2.6])
     assert ctl.choose(4) == 2
     # a call at k = 2 that accepted almost nothing: the running average falls, vanilla wins
-    ctl.observe({"num_draft": 2, "accepted_counts": [1, 0], "attempted_counts": [200, 1]})
+    ctl.observe(DecodeStats("rejection", 2, accepted_counts=[1, 0], attempted_counts=[200, 1], drafts_accepted=1,
+                            row_steps=200, rows=4, tokens_generated=205, target_forwards=51))
     assert ctl.alpha[0] < 0.05 and ctl.alpha[2] == pytest.approx(0.8)  # depth 3 was not run: kept
     assert ctl.choose(4) == 0
     with pytest.raises(ValueError, match="batch"):
@@ -56,6 +57,7 @@ def test_never_accepted_heads_settle_on_vanilla():
     assert ctl.alpha[0] < 0.05
 
 
+@pytest.mark.slow
 def test_calibration_measures_step_costs_and_falls_back_where_drafting_does_not_pay():
     """Measured costs on this CPU: a k-draft step costs more than a vanilla one; with drafts
     that are never accepted, no k can pay for itself and every call runs vanilla."""

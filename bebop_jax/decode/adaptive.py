@@ -31,6 +31,7 @@ import numpy as np
 from bebop_jax.config import ModelConfig, SpecConfig
 from bebop_jax.decode.compile_cache import compiled
 from bebop_jax.decode.decoder import fixed_steps_fn, needed_cache_len
+from bebop_jax.decode.stats import DecodeStats
 from bebop_jax.sampling import SamplingConfig
 
 
@@ -82,13 +83,13 @@ class DraftController:
         """The draft length to run next at this batch size (ties go to the shorter draft)."""
         return int(np.argmax(self.speedups(batch)))
 
-    def observe(self, stats: dict) -> None:
+    def observe(self, stats: DecodeStats) -> None:
         """Update the acceptance estimates from a call's stats (``generate``'s ``stats``)."""
-        k = stats["num_draft"]
+        k = stats.num_draft
         if k == 0:
             return
-        acc = np.asarray(stats["accepted_counts"], np.float64)[:k]
-        att = np.asarray(stats["attempted_counts"], np.float64)[:k]
+        acc = np.asarray(stats.accepted_counts, np.float64)[:k]
+        att = np.asarray(stats.attempted_counts, np.float64)[:k]
         self._accepted[:k] = self.decay * self._accepted[:k] + acc
         self._attempted[:k] = self.decay * self._attempted[:k] + att
 
