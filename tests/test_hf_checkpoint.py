@@ -23,7 +23,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm
 
 from bebop_jax.config import MeshConfig
-from bebop_jax.model import Policy, hf, init_params, shard_params_for
+from bebop_jax.model import Policy, hf, init_mtp_params, init_params, shard_params_for
 from bebop_jax.model.hf import export_hf_checkpoint, load_hf_checkpoint
 from bebop_jax.parallel import make_mesh
 
@@ -273,7 +273,7 @@ def test_fresh_mtp_module_is_the_projects_init_in_its_sharding(kv2_plain):
     expected = dict(jax.tree_util.tree_flatten_with_path(shard_params_for(config, mesh)["mtp_0"])[0])
     assert all(x.sharding == expected[p] for p, x in flat)
     assert sum(any(s is not None for s in x.sharding.spec) for _, x in flat) >= 6
-    again = hf.init_mtp_params(config, key, mesh)  # the public MTP-only init gives the same
+    again = init_mtp_params(config, key, mesh)  # the public MTP-only init gives the same
     _assert_trees_equal(again, {"mtp_0": params["mtp_0"]})
     assert jax.tree.all(jax.tree.map(lambda a, b: a.sharding == b.sharding, again["mtp_0"], params["mtp_0"]))
 
@@ -390,7 +390,7 @@ def no_allocation(monkeypatch):
         raise AssertionError("allocated before validation finished")
 
     monkeypatch.setattr(hf, "_place", refuse)
-    monkeypatch.setattr(hf, "_init_mtp", refuse)
+    monkeypatch.setattr(hf, "init_mtp_params_in", refuse)
     return calls
 
 

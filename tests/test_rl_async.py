@@ -122,6 +122,7 @@ def run(async_rollouts: bool, max_staleness: int = 1, rollout_devices: int = 0):
     return jax.tree.map(np.asarray, result.state.all_params), result
 
 
+@pytest.mark.slow
 def test_async_with_max_staleness_0_reproduces_the_sync_path_bitwise():
     p_sync, r_sync = run(False)
     p_async, r_async = run(True, 0)
@@ -131,6 +132,7 @@ def test_async_with_max_staleness_0_reproduces_the_sync_path_bitwise():
     assert r_async.counters == {"dropped_batches": 0, "max_policy_lag": 0}
 
 
+@pytest.mark.slow
 def test_async_on_disjoint_meshes_respects_the_staleness_bound():
     """Rollouts on 4 devices, training on the other 4, one version of lag allowed."""
     _, result = run(True, 1, 4)
@@ -155,6 +157,7 @@ def test_behaviour_weights_are_exactly_one_when_behaviour_is_the_proximal_policy
     assert float(with_b) == float(without)
 
 
+@pytest.mark.slow
 def test_a_producer_crash_stops_the_rl_loop_cleanly(monkeypatch):
     from bebop_jax.rl import rollout
     real = rollout.RolloutWorker.sample

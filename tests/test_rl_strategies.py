@@ -22,6 +22,7 @@ from bebop_jax.train.step import split_params
 
 from test_rl import CFG, TASK, TOK, policy
 
+pytestmark = pytest.mark.slow  # every test runs GRPO steps in process: 20-40 s each on a 2-core CPU
 STEPS = 2
 
 
