@@ -53,9 +53,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
