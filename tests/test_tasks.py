@@ -312,12 +312,11 @@ def test_turn_validation():
 
 
 def test_show_prints_every_task(capsys):
-    for name in ALL_TASKS:
-        assert show_main(["--task", name, "-n", "1", "--split", "test"]) == 0
+    assert show_main(["--tasks", *ALL_TASKS, "-n", "1", "--split", "test"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- example 0 ---") == len(ALL_TASKS)
     assert out.count("worked solution -> reward 1 ") == len(ALL_TASKS)
     assert out.count("corrupted response -> reward 0 ") == len(ALL_TASKS)
     assert "[env, masked]" in out
     with pytest.raises(SystemExit):
-        show_main(["--task", "nope"])
+        show_main(["--tasks", "nope"])

@@ -70,7 +70,7 @@ def run_grpo(params, model_config: ModelConfig, tokenizer: Tokenizer, tasks: lis
     strategy = STRATEGIES[rl.mtp_strategy]
     if (spec.drafts or strategy.mtp_loss) and not has_mtp_heads(params):
         raise ValueError(f"spec.method={spec.method!r}, rl.mtp_strategy={strategy.name!r}: the policy has no MTP "
-                         "heads; use --spec.method none with the frozen strategy, or a policy trained by pretrain_mtp")
+                         "heads; use --spec_method none with the frozen strategy, or a policy trained by pretrain_mtp")
     rollout_mesh = mesh if rollout_mesh is None else rollout_mesh
     trainable, frozen = strategy.split(params)
     opt = strategy.optimizer(optimizer, rl.mtp_learning_rate, trainable)

@@ -9,7 +9,7 @@ Small-scale tasks (short ASCII prompt + worked solution for the tiny byte-level
 model): arithmetic, countdown, code_expr, calculator (tool use, multi-turn).
 Real-model tasks: chain_sum, gsm_symbolic, humaneval, and the textarena games
 guess_the_number, tower_of_hanoi, frozen_lake. ``python -m bebop_jax.tasks.show
---task NAME`` prints examples.
+--tasks NAME ...`` prints examples.
 """
 
 from bebop_jax.tasks import agentic, code_tasks, math_tasks  # noqa: F401  (register tasks)

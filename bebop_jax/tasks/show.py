@@ -1,7 +1,7 @@
 """Print a few examples of a task: prompt, gold answer, graded solutions.
 
-    python -m bebop_jax.tasks.show --task arithmetic -n 3
-    python -m bebop_jax.tasks.show --task calculator --split test --seed 1
+    python -m bebop_jax.tasks.show --tasks arithmetic -n 3
+    python -m bebop_jax.tasks.show --tasks calculator countdown --split test --seed 1
     python -m bebop_jax.tasks.show --list
 """
 
@@ -50,18 +50,19 @@ def show(name: str, n: int = 3, split: str = "train", seed: int = 0, difficulty:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", help=f"one of: {', '.join(list_tasks())}")
+    parser.add_argument("--tasks", nargs="+", default=[], help=f"any of: {', '.join(list_tasks())}")
     parser.add_argument("-n", type=int, default=3, help="number of examples")
     parser.add_argument("--split", default="train", choices=("train", "test"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", type=int, default=1)
     parser.add_argument("--list", action="store_true", help="list the task names and exit")
     args = parser.parse_args(argv)
-    if args.list or not args.task:
+    if args.list or not args.tasks:
         print("\n".join(list_tasks()))
         return 0
     try:
-        show(args.task, args.n, args.split, args.seed, args.difficulty)
+        for name in args.tasks:
+            show(name, args.n, args.split, args.seed, args.difficulty)
     except ValueError as e:
         parser.error(str(e))
     return 0
