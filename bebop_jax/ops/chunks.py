@@ -1,0 +1,99 @@
+"""Walking the vocabulary in chunks: what the vocabulary-chunked ops share.
+
+A chunk is ``C`` consecutive columns of the LM head ``[H, V]``. Chunk ``i`` starts at
+``min(i * C, V - C)``: the last chunk is shifted left to stay inside the head (no padded
+copy of a 151,936-column matrix), and its columns that an earlier chunk already covered
+are masked (``fresh``), so every column is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK = 8192
+IMPLS = ("auto", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunking:
+    vocab_size: int
+    chunk: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.vocab_size // self.chunk)
+
+    def start(self, i):
+        """First column of chunk ``i`` (traced ``i`` allowed)."""
+        return jnp.minimum(i * self.chunk, self.vocab_size - self.chunk)
+
+    def columns(self, i):
+        """[C] the vocabulary ids of chunk ``i``, and [C] bool: not covered by an earlier chunk."""
+        cols = self.start(i) + jnp.arange(self.chunk)
+        return cols, cols >= i * self.chunk
+
+    def head(self, lm_head_HxV, i):
+        """[H, C] the columns of chunk ``i``."""
+        return jax.lax.dynamic_slice_in_dim(lm_head_HxV, self.start(i), self.chunk, axis=1)
+
+    def add_to(self, acc_HxV, update_HxC, i):
+        """``acc`` with ``update`` added to chunk ``i``'s columns (masked columns must be 0 in ``update``)."""
+        start = self.start(i)
+        old = jax.lax.dynamic_slice_in_dim(acc_HxV, start, self.chunk, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(acc_HxV, old + update_HxC.astype(acc_HxV.dtype), start, axis=1)
+
+
+def chunking(vocab_size: int, chunk_size: int | None) -> Chunking:
+    return Chunking(vocab_size, min(vocab_size, DEFAULT_CHUNK if chunk_size is None else chunk_size))
+
+
+def chunk_logits(hidden_NxH, head_HxC, fresh_C, temperature: float):
+    """float32 [N, C] logits / temperature, -inf on columns an earlier chunk covered."""
+    z = jnp.dot(hidden_NxH, head_HxC, preferred_element_type=jnp.float32) / temperature
+    return jnp.where(fresh_C[None, :], z, -jnp.inf)
+
+
+def online_update(m_N, s_N, z_NxC, *weighted):
+    """One step of an online log-sum-exp: the running max ``m``, ``s = sum exp(z - m)``, and any
+    ``sum exp(z - m) * w`` (each ``(acc_N, w_NxC)`` in ``weighted``), rescaled to the new max."""
+    m_new = jnp.maximum(m_N, jnp.max(z_NxC, axis=-1))
+    safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    scale = jnp.exp(jnp.where(jnp.isfinite(m_N), m_N - safe, -jnp.inf))
+    e = jnp.exp(z_NxC - safe[:, None])
+    out = [m_new, s_N * scale + jnp.sum(e, axis=-1)]
+    for acc_N, w_NxC in weighted:
+        out.append(acc_N * scale + jnp.sum(jnp.where(e > 0, e * w_NxC, 0.0), axis=-1))
+    return out
+
+
+def check_inputs(name: str, hiddens: dict, lm_head, ids: dict, *, temperature, chunk_size, impl) -> None:
+    """One ValueError naming the argument for shapes, dtypes, ids out of range and settings."""
+    if lm_head.ndim != 2:
+        raise ValueError(f"{name}: lm_head must be [H, V], got shape {tuple(lm_head.shape)}")
+    h, v = lm_head.shape
+    n = None
+    for arg, x in hiddens.items():
+        if x.ndim != 2 or x.shape[1] != h:
+            raise ValueError(f"{name}: {arg} must be [N, H={h}] (lm_head is [H, V]), got {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: {arg} must be floating point, got {x.dtype}")
+        if n is not None and x.shape[0] != n:
+            raise ValueError(f"{name}: {arg} has {x.shape[0]} rows, the other hidden {n}")
+        n = x.shape[0]
+    for arg, x in ids.items():
+        if x.shape != (n,) or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name}: {arg} must be integer [N={n}], got {x.dtype} {tuple(x.shape)}")
+        if not isinstance(x, jax.core.Tracer):
+            lo, hi = int(jnp.min(x)) if x.size else 0, int(jnp.max(x)) if x.size else 0
+            if lo < 0 or hi >= v:
+                raise ValueError(f"{name}: {arg} must lie in [0, V={v}), got values in [{lo}, {hi}]")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{name}: temperature must be a number > 0, got {temperature!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"{name}: chunk_size must be an int >= 1 (or None), got {chunk_size!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS} (the Pallas kernels are not built yet), "
+                         f"got {impl!r}")

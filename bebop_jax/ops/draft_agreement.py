@@ -1,0 +1,127 @@
+"""How well a draft agrees with its target, from hidden states, without [N, V] logits.
+
+With ``p = softmax(target_hidden @ lm_head / T)`` (the target, read through stop_gradient)
+and ``q = softmax(draft_hidden @ lm_head / T)`` (the draft), per row:
+- ``alpha = sum_v min(p_v, q_v) = 1 - TV(p, q)``, the rejection-sampling acceptance;
+- ``kl = KL(p || q) = sum_v p_v (z^p_v - z^q_v) - lse_p + lse_q``;
+- ``ce = -log q(label) = lse_q - z^q_label``.
+
+Forward: pass 1 over vocabulary chunks keeps both online log-sum-exps and
+``sum exp(z^p - m_p) (z^p - z^q)``; pass 2 sums ``min(p, q)`` and ``S = sum_{q < p} q`` with
+both normalisers known. Backward (gradient to ``draft_hidden`` only; residuals: the inputs,
+``lse_p``, ``lse_q`` and ``S``) recomputes each chunk:
+``dL/dz^q_v = g_alpha q_v ([q_v < p_v] - S) + g_kl (q_v - p_v) + g_ce (q_v - onehot_v)``.
+Memory is O(N x chunk); sums in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from bebop_jax.ops.chunks import check_inputs, chunk_logits, chunking, online_update
+
+
+def _pass1(th, dh, w, chunks, temperature):
+    n = th.shape[0]
+    ninf, zero = jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32)
+
+    def body(i, carry):
+        mp, sp, sd, mq, sq = carry
+        _, fresh = chunks.columns(i)
+        head = chunks.head(w, i)
+        zp, zq = chunk_logits(th, head, fresh, temperature), chunk_logits(dh, head, fresh, temperature)
+        mp, sp, sd = online_update(mp, sp, zp, (sd, zp - jnp.where(fresh[None, :], zq, 0.0)))
+        mq, sq = online_update(mq, sq, zq)
+        return mp, sp, sd, mq, sq
+
+    mp, sp, sd, mq, sq = jax.lax.fori_loop(0, chunks.num_chunks, body, (ninf, zero, zero, ninf, zero))
+    return mp + jnp.log(sp), mq + jnp.log(sq), sd / sp
+
+
+def _probs(th, dh, head, fresh, lse_p, lse_q, temperature):
+    p = jnp.exp(chunk_logits(th, head, fresh, temperature) - lse_p[:, None])
+    q = jnp.exp(chunk_logits(dh, head, fresh, temperature) - lse_q[:, None])
+    return p, q
+
+
+def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q):
+    n = th.shape[0]
+
+    def body(i, carry):
+        alpha, s = carry
+        _, fresh = chunks.columns(i)
+        p, q = _probs(th, dh, chunks.head(w, i), fresh, lse_p, lse_q, temperature)
+        return alpha + jnp.sum(jnp.minimum(p, q), axis=-1), s + jnp.sum(jnp.where(q < p, q, 0.0), axis=-1)
+
+    zero = jnp.zeros((n,), jnp.float32)
+    return jax.lax.fori_loop(0, chunks.num_chunks, body, (zero, zero))
+
+
+def _draft_logit(dh, w, labels, temperature):
+    cols_HxN = jnp.take(w, labels, axis=1)
+    return jnp.einsum("nh,hn->n", dh, cols_HxN, preferred_element_type=jnp.float32) / temperature
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _agreement(target_hidden, draft_hidden, lm_head, labels, temperature, chunk):
+    out, _ = _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk)
+    return out
+
+
+def _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk):
+    chunks = chunking(lm_head.shape[1], chunk)
+    lse_p, lse_q, mean_gap = _pass1(target_hidden, draft_hidden, lm_head, chunks, temperature)
+    alpha, s = _pass2(target_hidden, draft_hidden, lm_head, chunks, temperature, lse_p, lse_q)
+    out = {"alpha": alpha, "kl": mean_gap - lse_p + lse_q,
+           "ce": lse_q - _draft_logit(draft_hidden, lm_head, labels, temperature)}
+    return out, (target_hidden, draft_hidden, lm_head, labels, lse_p, lse_q, s)
+
+
+def _bwd(temperature, chunk, res, grads):
+    th, dh, w, labels, lse_p, lse_q, s = res
+    g_a, g_kl, g_ce = (grads[k].astype(jnp.float32) for k in ("alpha", "kl", "ce"))
+    chunks = chunking(w.shape[1], chunk)
+
+    def body(i, d_dh):
+        head = chunks.head(w, i)
+        _, fresh = chunks.columns(i)
+        p, q = _probs(th, dh, head, fresh, lse_p, lse_q, temperature)
+        dz = (g_a[:, None] * q * (jnp.where(q < p, 1.0, 0.0) - s[:, None])
+              + g_kl[:, None] * (q - p) + g_ce[:, None] * q)
+        return d_dh + jnp.dot(dz, head.T.astype(jnp.float32)) / temperature
+
+    d_dh = jax.lax.fori_loop(0, chunks.num_chunks, body, jnp.zeros(dh.shape, jnp.float32))
+    d_dh = d_dh - g_ce[:, None] * jnp.take(w, labels, axis=1).astype(jnp.float32).T / temperature
+    return jnp.zeros_like(th), d_dh.astype(dh.dtype), jnp.zeros_like(w), None
+
+
+_agreement.defvjp(_fwd, _bwd)
+
+
+def draft_agreement(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0,
+                    chunk_size: int | None = None, impl: str = "auto") -> dict:
+    """``{"alpha", "kl", "ce"}``, each float32 [N]: ``sum_v min(p, q)``, ``KL(p || q)`` and
+    ``-log q(label)`` for ``p = softmax(target_hidden @ lm_head / T)`` and ``q = softmax(draft_hidden
+    @ lm_head / T)``, over vocabulary chunks (never [N, V] logits). The target side and
+    ``lm_head`` are read through stop_gradient: gradients reach ``draft_hidden`` only."""
+    target_hidden, draft_hidden = jnp.asarray(target_hidden), jnp.asarray(draft_hidden)
+    lm_head, labels = jnp.asarray(lm_head), jnp.asarray(labels)
+    check_inputs("draft_agreement", {"target_hidden": target_hidden, "draft_hidden": draft_hidden}, lm_head,
+                 {"labels": labels}, temperature=temperature, chunk_size=chunk_size, impl=impl)
+    return _agreement(jax.lax.stop_gradient(target_hidden), draft_hidden, jax.lax.stop_gradient(lm_head),
+                      labels.astype(jnp.int32), float(temperature), chunk_size)
+
+
+def draft_agreement_reference(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0) -> dict:
+    """The dense formulas, [N, V] logits and all: what ``draft_agreement`` must equal."""
+    zp = jnp.dot(jax.lax.stop_gradient(target_hidden), jax.lax.stop_gradient(lm_head),
+                 preferred_element_type=jnp.float32) / temperature
+    zq = jnp.dot(draft_hidden, jax.lax.stop_gradient(lm_head), preferred_element_type=jnp.float32) / temperature
+    logp, logq = jax.nn.log_softmax(zp, axis=-1), jax.nn.log_softmax(zq, axis=-1)
+    p, q = jnp.exp(logp), jnp.exp(logq)
+    return {"alpha": jnp.sum(jnp.minimum(p, q), axis=-1),
+            "kl": jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1),
+            "ce": -jnp.take_along_axis(logq, labels[:, None], axis=-1)[:, 0]}

@@ -1,0 +1,143 @@
+"""Vocabulary-chunked ops against the dense formulas: values, gradients, dtypes, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bebop_jax.ops import draft_agreement, draft_agreement_reference, token_logprobs, token_logprobs_reference
+
+N, H, V = 7, 16, 61  # N and V prime: no chunk size divides them
+
+
+def _inputs(seed=0, scale=1.0, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 4)
+    target = (scale * jax.random.normal(k[0], (N, H))).astype(dtype)
+    draft = (scale * jax.random.normal(k[1], (N, H))).astype(dtype)
+    head = jax.random.normal(k[2], (H, V)) / np.sqrt(H)
+    ids = jax.random.randint(k[3], (N,), 0, V)
+    return target, draft, head, ids
+
+
+# weights that make every output row matter differently in the scalar we differentiate
+W1, W2, W3 = jnp.arange(1.0, N + 1), jnp.cos(jnp.arange(N)), jnp.linspace(-1.0, 2.0, N)
+
+
+def _tl_scalar(fn, **kw):
+    def f(hidden, head, ids):
+        logp, ent = fn(hidden, head, ids, **kw)
+        return jnp.sum(W1 * logp) + jnp.sum(W2 * ent)
+    return f
+
+
+def _da_scalar(fn, **kw):
+    def f(target, draft, head, ids):
+        out = fn(target, draft, head, ids, **kw)
+        return jnp.sum(W1 * out["alpha"]) + jnp.sum(W2 * out["kl"]) + jnp.sum(W3 * out["ce"])
+    return f
+
+
+def _close(a, b, rtol, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+@pytest.mark.parametrize("chunk_size", [None, 1, 8, 61, 100])
+def test_token_logprobs_values_and_gradients_equal_the_dense_formula(temperature, chunk_size):
+    hidden, _, head, ids = _inputs()
+    kw = dict(temperature=temperature)
+    logp, ent = token_logprobs(hidden, head, ids, chunk_size=chunk_size, **kw)
+    ref_logp, ref_ent = token_logprobs_reference(hidden, head, ids, **kw)
+    assert logp.dtype == ent.dtype == jnp.float32 and logp.shape == ent.shape == (N,)
+    _close(logp, ref_logp, 1e-5)
+    _close(ent, ref_ent, 1e-5)
+    grads = jax.grad(_tl_scalar(token_logprobs, chunk_size=chunk_size, **kw), argnums=(0, 1))(hidden, head, ids)
+    ref = jax.grad(_tl_scalar(token_logprobs_reference, **kw), argnums=(0, 1))(hidden, head, ids)
+    for g, r in zip(grads, ref):
+        _close(g, r, 1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+@pytest.mark.parametrize("chunk_size", [None, 1, 8, 61, 100])
+def test_draft_agreement_values_and_gradients_equal_the_dense_formulas(temperature, chunk_size):
+    target, draft, head, ids = _inputs(1)
+    kw = dict(temperature=temperature)
+    out = draft_agreement(target, draft, head, ids, chunk_size=chunk_size, **kw)
+    ref = draft_agreement_reference(target, draft, head, ids, **kw)
+    assert set(out) == {"alpha", "kl", "ce"}
+    for key in out:
+        assert out[key].dtype == jnp.float32 and out[key].shape == (N,)
+        _close(out[key], ref[key], 1e-5)
+    grads = jax.grad(_da_scalar(draft_agreement, chunk_size=chunk_size, **kw), argnums=(0, 1, 2))(
+        target, draft, head, ids)
+    ref_grads = jax.grad(_da_scalar(draft_agreement_reference, **kw), argnums=(0, 1, 2))(target, draft, head, ids)
+    _close(grads[1], ref_grads[1], 1e-4, atol=1e-5)
+    assert float(jnp.max(jnp.abs(grads[1]))) > 1e-3  # the draft does get a gradient
+    # the target side and the LM head are read through stop_gradient
+    assert not np.any(np.asarray(grads[0])) and not np.any(np.asarray(grads[2]))
+
+
+def test_draft_equal_to_target_agrees_fully():
+    target, _, head, ids = _inputs(2)
+    out = draft_agreement(target, target, head, ids, chunk_size=8)
+    _close(out["alpha"], np.ones(N), 1e-5)
+    _close(out["kl"], np.zeros(N), 0, atol=1e-5)
+
+
+def test_bfloat16_hidden_sums_in_float32():
+    hidden, draft, head, ids = _inputs(3, dtype=jnp.bfloat16)
+    logp, ent = token_logprobs(hidden, head, ids, chunk_size=8)
+    ref_logp, ref_ent = token_logprobs_reference(hidden, head, ids)  # the same bf16 inputs, dense
+    assert logp.dtype == jnp.float32
+    _close(logp, ref_logp, 1e-5, atol=1e-5)
+    _close(ent, ref_ent, 1e-5, atol=1e-5)
+    g = jax.grad(_tl_scalar(token_logprobs, chunk_size=8))(hidden, head, ids)
+    assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+    out = draft_agreement(hidden, draft, head, ids, chunk_size=8)
+    ref = draft_agreement_reference(hidden, draft, head, ids)
+    for key in out:
+        _close(out[key], ref[key], 1e-5, atol=1e-5)
+
+
+def test_extreme_logits_stay_finite():
+    """Logits in the hundreds: exp overflows unless every sum is taken relative to a running max."""
+    hidden, draft, head, ids = _inputs(4, scale=400.0)
+    logp, ent = token_logprobs(hidden, head, ids, chunk_size=8)
+    ref_logp, ref_ent = token_logprobs_reference(hidden, head, ids)
+    assert np.all(np.isfinite(np.asarray(ref_logp))) and np.all(np.isfinite(np.asarray(logp)))
+    _close(logp, ref_logp, 1e-5, atol=1e-3)
+    _close(ent, ref_ent, 1e-5, atol=1e-3)
+    grads = jax.grad(_tl_scalar(token_logprobs, chunk_size=8), argnums=(0, 1))(hidden, head, ids)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    out = draft_agreement(hidden, draft, head, ids, chunk_size=8)
+    ref = draft_agreement_reference(hidden, draft, head, ids)
+    for key in out:
+        assert np.all(np.isfinite(np.asarray(out[key])))
+        _close(out[key], ref[key], 1e-5, atol=1e-3)
+    g = jax.grad(_da_scalar(draft_agreement, chunk_size=8), argnums=1)(hidden, draft, head, ids)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_jit_and_one_row():
+    hidden, draft, head, ids = _inputs(5)
+    f = jax.jit(lambda h, w, t: token_logprobs(h, w, t, chunk_size=16))
+    _close(f(hidden, head, ids)[0], token_logprobs_reference(hidden, head, ids)[0], 1e-5)
+    one = token_logprobs(hidden[:1], head, ids[:1], chunk_size=16)
+    _close(one[0], token_logprobs_reference(hidden[:1], head, ids[:1])[0], 1e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda h, d, w, t: token_logprobs(h, w.T, t), "hidden must be"),
+    (lambda h, d, w, t: token_logprobs(h, w, t[:-1]), "tokens must be integer"),
+    (lambda h, d, w, t: token_logprobs(h, w, t.astype(jnp.float32)), "tokens must be integer"),
+    (lambda h, d, w, t: token_logprobs(h, w, t.at[0].set(V)), r"tokens must lie in \[0, V=61\)"),
+    (lambda h, d, w, t: token_logprobs(h, w, t, chunk_size=0), "chunk_size"),
+    (lambda h, d, w, t: token_logprobs(h, w, t, temperature=0.0), "temperature"),
+    (lambda h, d, w, t: token_logprobs(h, w, t, impl="cuda"), "impl"),
+    (lambda h, d, w, t: draft_agreement(h, d[:-1], w, t), "draft_hidden has 6 rows"),
+    (lambda h, d, w, t: draft_agreement(h, d, w, t.at[0].set(-1)), "labels must lie in"),
+    (lambda h, d, w, t: draft_agreement(h, d, w[:, :, None], t), "lm_head must be"),
+])
+def test_bad_input_one_clear_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(*_inputs(6))
