@@ -141,3 +141,37 @@ def test_jit_and_one_row():
 def test_bad_input_one_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call(*_inputs(6))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_vocabulary_sharded_equals_one_device(chunk_size):
+    """LM head split along V over the model axis of 8 fake devices (2 x 4): same values and gradients."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from bebop_jax.config import MeshConfig
+    from bebop_jax.parallel import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, model=4))
+    k = jax.random.split(jax.random.key(7), 4)
+    v = 64  # divisible by the 4 vocabulary shards; 16 columns each, chunk 5 does not divide them
+    target, draft = jax.random.normal(k[0], (N, H)), jax.random.normal(k[1], (N, H))
+    head, ids = jax.random.normal(k[2], (H, v)) / np.sqrt(H), jax.random.randint(k[3], (N,), 0, v)
+    placed = jax.device_put(head, NamedSharding(mesh, P(None, "model")))
+    kw = dict(chunk_size=chunk_size, temperature=0.8)
+    one = token_logprobs(target, head, ids, **kw)
+    many = jax.jit(lambda h, w, t: token_logprobs(h, w, t, mesh=mesh, **kw))(target, placed, ids)
+    for a, b in zip(many, one):
+        _close(a, b, 1e-5)
+    g_one = jax.grad(_tl_scalar(token_logprobs, **kw), argnums=(0, 1))(target, head, ids)
+    g_many = jax.jit(jax.grad(_tl_scalar(token_logprobs, mesh=mesh, **kw), argnums=(0, 1)))(target, placed, ids)
+    for a, b in zip(g_many, g_one):
+        _close(a, b, 1e-5, atol=1e-6)
+    out_one = draft_agreement(target, draft, head, ids, **kw)
+    out_many = jax.jit(lambda a, b, w, t: draft_agreement(a, b, w, t, mesh=mesh, **kw))(target, draft, placed, ids)
+    for key in out_one:
+        _close(out_many[key], out_one[key], 1e-5)
+    d_one = jax.grad(_da_scalar(draft_agreement, **kw), argnums=1)(target, draft, head, ids)
+    d_many = jax.jit(jax.grad(_da_scalar(draft_agreement, mesh=mesh, **kw), argnums=1))(target, draft, placed, ids)
+    _close(d_many, d_one, 1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by the mesh's model axis"):
+        token_logprobs(target, head[:, :62], ids % 62, mesh=mesh)

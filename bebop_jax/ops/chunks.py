@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 DEFAULT_CHUNK = 8192
 IMPLS = ("auto", "xla")
@@ -67,6 +68,54 @@ def online_update(m_N, s_N, z_NxC, *weighted):
     for acc_N, w_NxC in weighted:
         out.append(acc_N * scale + jnp.sum(jnp.where(e > 0, e * w_NxC, 0.0), axis=-1))
     return out
+
+
+def combine(axis, m_N, s_N, *accs):
+    """The online sums of each vocabulary shard combined over mesh axis ``axis`` (None: one
+    shard): the global max, and every sum rescaled to it and added up."""
+    if axis is None:
+        return (m_N, s_N, *accs)
+    m = jax.lax.pmax(m_N, axis)
+    safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    scale = jnp.exp(jnp.where(jnp.isfinite(m_N), m_N - safe, -jnp.inf))
+    return (m, *(jax.lax.psum(x * scale, axis) for x in (s_N, *accs)))
+
+
+def local_ids(axis, ids_N, shard_vocab: int):
+    """(column of each id in this device's vocabulary shard (clipped), whether the shard holds it)."""
+    offset = 0 if axis is None else jax.lax.axis_index(axis) * shard_vocab
+    local = ids_N - offset
+    held = (local >= 0) & (local < shard_vocab)
+    return jnp.clip(local, 0, shard_vocab - 1), held
+
+
+def varying(axis, tree):
+    """Loop-carry initial values marked as differing across the vocabulary shards (under
+    ``shard_map``'s type checks, a carry must have one type before and after the body)."""
+    return tree if axis is None else jax.tree.map(lambda x: jax.lax.pcast(x, axis, to="varying"), tree)
+
+
+def vocab_sum(axis, x):
+    """``x`` summed over the vocabulary shards (itself on one shard)."""
+    return x if axis is None else jax.lax.psum(x, axis)
+
+
+VOCAB_AXIS = "model"  # parallel.RULES puts the vocabulary on this mesh axis
+
+
+def on_vocab_shards(core, mesh, num_rows_args: int, num_outputs, vocab_size: int, name: str):
+    """``core(*rows_args, lm_head, *ids, axis)`` run under ``shard_map`` with the LM head split
+    along V over ``mesh``'s model axis (rows replicated), or directly when there is no such split.
+    ``num_outputs``: the structure of ``core``'s output, as a pytree of Nones."""
+    shards = 1 if mesh is None else mesh.shape.get(VOCAB_AXIS, 1)
+    if shards == 1:
+        return lambda *args: core(*args, None)
+    if vocab_size % shards:
+        raise ValueError(f"{name}: V={vocab_size} must be divisible by the mesh's {VOCAB_AXIS} axis ({shards})")
+    rows = (P(),) * num_rows_args
+    specs = (*rows, P(None, VOCAB_AXIS), P())
+    out_specs = jax.tree.map(lambda _: P(), num_outputs, is_leaf=lambda x: x is None)
+    return jax.shard_map(lambda *args: core(*args, VOCAB_AXIS), mesh=mesh, in_specs=specs, out_specs=out_specs)
 
 
 def check_inputs(name: str, hiddens: dict, lm_head, ids: dict, *, temperature, chunk_size, impl) -> None:

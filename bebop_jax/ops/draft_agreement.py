@@ -21,10 +21,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bebop_jax.ops.chunks import check_inputs, chunk_logits, chunking, online_update
+from bebop_jax.ops.chunks import (check_inputs, chunk_logits, chunking, combine, local_ids, on_vocab_shards,
+                                   online_update, varying, vocab_sum)
 
 
-def _pass1(th, dh, w, chunks, temperature):
+def _pass1(th, dh, w, chunks, temperature, axis):
     n = th.shape[0]
     ninf, zero = jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32)
 
@@ -37,7 +38,9 @@ def _pass1(th, dh, w, chunks, temperature):
         mq, sq = online_update(mq, sq, zq)
         return mp, sp, sd, mq, sq
 
-    mp, sp, sd, mq, sq = jax.lax.fori_loop(0, chunks.num_chunks, body, (ninf, zero, zero, ninf, zero))
+    mp, sp, sd, mq, sq = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, (ninf, zero, zero, ninf, zero)))
+    mp, sp, sd = combine(axis, mp, sp, sd)
+    mq, sq = combine(axis, mq, sq)
     return mp + jnp.log(sp), mq + jnp.log(sq), sd / sp
 
 
@@ -47,7 +50,7 @@ def _probs(th, dh, head, fresh, lse_p, lse_q, temperature):
     return p, q
 
 
-def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q):
+def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q, axis):
     n = th.shape[0]
 
     def body(i, carry):
@@ -57,30 +60,31 @@ def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q):
         return alpha + jnp.sum(jnp.minimum(p, q), axis=-1), s + jnp.sum(jnp.where(q < p, q, 0.0), axis=-1)
 
     zero = jnp.zeros((n,), jnp.float32)
-    return jax.lax.fori_loop(0, chunks.num_chunks, body, (zero, zero))
+    return tuple(vocab_sum(axis, x) for x in jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, (zero, zero))))
 
 
-def _draft_logit(dh, w, labels, temperature):
-    cols_HxN = jnp.take(w, labels, axis=1)
-    return jnp.einsum("nh,hn->n", dh, cols_HxN, preferred_element_type=jnp.float32) / temperature
+def _draft_logit(dh, w, labels, temperature, axis):
+    local, held = local_ids(axis, labels, w.shape[1])
+    z = jnp.einsum("nh,hn->n", dh, jnp.take(w, local, axis=1), preferred_element_type=jnp.float32) / temperature
+    return vocab_sum(axis, jnp.where(held, z, 0.0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _agreement(target_hidden, draft_hidden, lm_head, labels, temperature, chunk):
-    out, _ = _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _agreement(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis):
+    out, _ = _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis)
     return out
 
 
-def _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk):
+def _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis):
     chunks = chunking(lm_head.shape[1], chunk)
-    lse_p, lse_q, mean_gap = _pass1(target_hidden, draft_hidden, lm_head, chunks, temperature)
-    alpha, s = _pass2(target_hidden, draft_hidden, lm_head, chunks, temperature, lse_p, lse_q)
+    lse_p, lse_q, mean_gap = _pass1(target_hidden, draft_hidden, lm_head, chunks, temperature, axis)
+    alpha, s = _pass2(target_hidden, draft_hidden, lm_head, chunks, temperature, lse_p, lse_q, axis)
     out = {"alpha": alpha, "kl": mean_gap - lse_p + lse_q,
-           "ce": lse_q - _draft_logit(draft_hidden, lm_head, labels, temperature)}
+           "ce": lse_q - _draft_logit(draft_hidden, lm_head, labels, temperature, axis)}
     return out, (target_hidden, draft_hidden, lm_head, labels, lse_p, lse_q, s)
 
 
-def _bwd(temperature, chunk, res, grads):
+def _bwd(temperature, chunk, axis, res, grads):
     th, dh, w, labels, lse_p, lse_q, s = res
     g_a, g_kl, g_ce = (grads[k].astype(jnp.float32) for k in ("alpha", "kl", "ce"))
     chunks = chunking(w.shape[1], chunk)
@@ -93,8 +97,10 @@ def _bwd(temperature, chunk, res, grads):
               + g_kl[:, None] * (q - p) + g_ce[:, None] * q)
         return d_dh + jnp.dot(dz, head.T.astype(jnp.float32)) / temperature
 
-    d_dh = jax.lax.fori_loop(0, chunks.num_chunks, body, jnp.zeros(dh.shape, jnp.float32))
-    d_dh = d_dh - g_ce[:, None] * jnp.take(w, labels, axis=1).astype(jnp.float32).T / temperature
+    d_dh = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, jnp.zeros(dh.shape, jnp.float32)))
+    local, held = local_ids(axis, labels, w.shape[1])
+    g_held = jnp.where(held, g_ce, 0.0)
+    d_dh = vocab_sum(axis, d_dh - g_held[:, None] * jnp.take(w, local, axis=1).astype(jnp.float32).T / temperature)
     return jnp.zeros_like(th), d_dh.astype(dh.dtype), jnp.zeros_like(w), None
 
 
@@ -102,17 +108,21 @@ _agreement.defvjp(_fwd, _bwd)
 
 
 def draft_agreement(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0,
-                    chunk_size: int | None = None, impl: str = "auto") -> dict:
+                    chunk_size: int | None = None, impl: str = "auto", mesh=None) -> dict:
     """``{"alpha", "kl", "ce"}``, each float32 [N]: ``sum_v min(p, q)``, ``KL(p || q)`` and
     ``-log q(label)`` for ``p = softmax(target_hidden @ lm_head / T)`` and ``q = softmax(draft_hidden
     @ lm_head / T)``, over vocabulary chunks (never [N, V] logits). The target side and
-    ``lm_head`` are read through stop_gradient: gradients reach ``draft_hidden`` only."""
+    ``lm_head`` are read through stop_gradient: gradients reach ``draft_hidden`` only. With
+    ``mesh``, the LM head is split along V over its model axis (see ``token_logprobs``)."""
     target_hidden, draft_hidden = jnp.asarray(target_hidden), jnp.asarray(draft_hidden)
     lm_head, labels = jnp.asarray(lm_head), jnp.asarray(labels)
     check_inputs("draft_agreement", {"target_hidden": target_hidden, "draft_hidden": draft_hidden}, lm_head,
                  {"labels": labels}, temperature=temperature, chunk_size=chunk_size, impl=impl)
-    return _agreement(jax.lax.stop_gradient(target_hidden), draft_hidden, jax.lax.stop_gradient(lm_head),
-                      labels.astype(jnp.int32), float(temperature), chunk_size)
+    core = lambda th, dh, w, t, axis: _agreement(th, dh, w, t, float(temperature), chunk_size, axis)
+    run = on_vocab_shards(core, mesh, 2, {"alpha": None, "kl": None, "ce": None}, lm_head.shape[1],
+                          "draft_agreement")
+    return run(jax.lax.stop_gradient(target_hidden), draft_hidden, jax.lax.stop_gradient(lm_head),
+               labels.astype(jnp.int32))
 
 
 def draft_agreement_reference(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0) -> dict:

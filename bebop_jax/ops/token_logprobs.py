@@ -19,10 +19,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bebop_jax.ops.chunks import check_inputs, chunk_logits, chunking, online_update
+from bebop_jax.ops.chunks import (check_inputs, chunk_logits, chunking, combine, local_ids, on_vocab_shards,
+                                   online_update, varying, vocab_sum)
 
 
-def _stats(hidden_NxH, lm_head_HxV, chunks, temperature):
+def _stats(hidden_NxH, lm_head_HxV, chunks, temperature, axis):
     """Per row: lse and E_p[z] of z = hidden @ lm_head / T, in one pass over the chunks."""
     n = hidden_NxH.shape[0]
 
@@ -32,29 +33,31 @@ def _stats(hidden_NxH, lm_head_HxV, chunks, temperature):
         return tuple(online_update(*carry[:2], z, (carry[2], z)))
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-    m, s, sz = jax.lax.fori_loop(0, chunks.num_chunks, body, init)
+    m, s, sz = combine(axis, *jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init)))
     return m + jnp.log(s), sz / s
 
 
-def _token_logit(hidden_NxH, lm_head_HxV, tokens_N, temperature):
-    cols_HxN = jnp.take(lm_head_HxV, tokens_N, axis=1)
-    return jnp.einsum("nh,hn->n", hidden_NxH, cols_HxN, preferred_element_type=jnp.float32) / temperature
+def _token_logit(hidden_NxH, lm_head_HxV, tokens_N, temperature, axis):
+    local, held = local_ids(axis, tokens_N, lm_head_HxV.shape[1])
+    cols_HxN = jnp.take(lm_head_HxV, local, axis=1)
+    z = jnp.einsum("nh,hn->n", hidden_NxH, cols_HxN, preferred_element_type=jnp.float32) / temperature
+    return vocab_sum(axis, jnp.where(held, z, 0.0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _token_logprobs(hidden_NxH, lm_head_HxV, tokens_N, temperature, chunk):
-    out, _ = _fwd(hidden_NxH, lm_head_HxV, tokens_N, temperature, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_logprobs(hidden_NxH, lm_head_HxV, tokens_N, temperature, chunk, axis):
+    out, _ = _fwd(hidden_NxH, lm_head_HxV, tokens_N, temperature, chunk, axis)
     return out
 
 
-def _fwd(hidden_NxH, lm_head_HxV, tokens_N, temperature, chunk):
+def _fwd(hidden_NxH, lm_head_HxV, tokens_N, temperature, chunk, axis):
     chunks = chunking(lm_head_HxV.shape[1], chunk)
-    lse, mean_z = _stats(hidden_NxH, lm_head_HxV, chunks, temperature)
-    logp = _token_logit(hidden_NxH, lm_head_HxV, tokens_N, temperature) - lse
+    lse, mean_z = _stats(hidden_NxH, lm_head_HxV, chunks, temperature, axis)
+    logp = _token_logit(hidden_NxH, lm_head_HxV, tokens_N, temperature, axis) - lse
     return (logp, lse - mean_z), (hidden_NxH, lm_head_HxV, tokens_N, lse, mean_z)
 
 
-def _bwd(temperature, chunk, res, grads):
+def _bwd(temperature, chunk, axis, res, grads):
     hidden_NxH, lm_head_HxV, tokens_N, lse, mean_z = res
     g_logp, g_ent = (g.astype(jnp.float32) for g in grads)
     chunks = chunking(lm_head_HxV.shape[1], chunk)
@@ -72,11 +75,13 @@ def _bwd(temperature, chunk, res, grads):
         return dh, dw
 
     init = (jnp.zeros(hidden_NxH.shape, jnp.float32), jnp.zeros(lm_head_HxV.shape, jnp.float32))
-    dh, dw = jax.lax.fori_loop(0, chunks.num_chunks, body, init)
+    dh, dw = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
     # the one-hot part of d logp / dz: + g_logp at each row's token
-    cols_HxN = jnp.take(lm_head_HxV, tokens_N, axis=1).astype(jnp.float32)
-    dh = dh + g_logp[:, None] * cols_HxN.T / temperature
-    dw = dw.at[:, tokens_N].add(h32.T * g_logp[None, :] / temperature)
+    local, held = local_ids(axis, tokens_N, lm_head_HxV.shape[1])
+    g_held = jnp.where(held, g_logp, 0.0)
+    cols_HxN = jnp.take(lm_head_HxV, local, axis=1).astype(jnp.float32)
+    dh = vocab_sum(axis, dh + g_held[:, None] * cols_HxN.T / temperature)
+    dw = dw.at[:, local].add(h32.T * g_held[None, :] / temperature)
     return dh.astype(hidden_NxH.dtype), dw.astype(lm_head_HxV.dtype), None
 
 
@@ -84,15 +89,20 @@ _token_logprobs.defvjp(_fwd, _bwd)
 
 
 def token_logprobs(hidden, lm_head, tokens, *, temperature: float = 1.0, chunk_size: int | None = None,
-                   impl: str = "auto"):
+                   impl: str = "auto", mesh=None):
     """(logp [N], entropy [N]) float32: log softmax(hidden @ lm_head / T) at ``tokens`` and the
     entropy of that softmax, computed over vocabulary chunks of ``chunk_size`` columns (default
     ``ops.chunks.DEFAULT_CHUNK``), never as [N, V] logits. ``hidden`` [N, H] (any float dtype),
-    ``lm_head`` [H, V], ``tokens`` int [N] in [0, V). Differentiable w.r.t. hidden and lm_head."""
+    ``lm_head`` [H, V], ``tokens`` int [N] in [0, V). Differentiable w.r.t. hidden and lm_head.
+    With ``mesh`` whose model axis has n > 1 devices, the LM head is split along V over it: each
+    device walks its own V / n columns and the per-row maxima and sums are combined across the
+    axis (same values and gradients as one device)."""
     hidden, lm_head, tokens = jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(tokens)
     check_inputs("token_logprobs", {"hidden": hidden}, lm_head, {"tokens": tokens},
                  temperature=temperature, chunk_size=chunk_size, impl=impl)
-    return _token_logprobs(hidden, lm_head, tokens.astype(jnp.int32), float(temperature), chunk_size)
+    core = lambda h, w, t, axis: _token_logprobs(h, w, t, float(temperature), chunk_size, axis)
+    run = on_vocab_shards(core, mesh, 1, (None, None), lm_head.shape[1], "token_logprobs")
+    return run(hidden, lm_head, tokens.astype(jnp.int32))
 
 
 def token_logprobs_reference(hidden, lm_head, tokens, *, temperature: float = 1.0):
