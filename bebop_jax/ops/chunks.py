@@ -31,10 +31,9 @@ class Chunking:
         """First column of chunk ``i`` (traced ``i`` allowed)."""
         return jnp.minimum(i * self.chunk, self.vocab_size - self.chunk)
 
-    def columns(self, i):
-        """[C] the vocabulary ids of chunk ``i``, and [C] bool: not covered by an earlier chunk."""
-        cols = self.start(i) + jnp.arange(self.chunk)
-        return cols, cols >= i * self.chunk
+    def fresh(self, i):
+        """[C] bool: which columns of chunk ``i`` no earlier chunk covered."""
+        return self.start(i) + jnp.arange(self.chunk) >= i * self.chunk
 
     def head(self, lm_head_HxV, i):
         """[H, C] the columns of chunk ``i``."""

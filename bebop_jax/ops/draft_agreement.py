@@ -31,7 +31,7 @@ def _pass1(th, dh, w, chunks, temperature, axis):
 
     def body(i, carry):
         mp, sp, sd, mq, sq = carry
-        _, fresh = chunks.columns(i)
+        fresh = chunks.fresh(i)
         head = chunks.head(w, i)
         zp, zq = chunk_logits(th, head, fresh, temperature), chunk_logits(dh, head, fresh, temperature)
         mp, sp, sd = online_update(mp, sp, zp, (sd, zp - jnp.where(fresh[None, :], zq, 0.0)))
@@ -55,7 +55,7 @@ def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q, axis):
 
     def body(i, carry):
         alpha, s = carry
-        _, fresh = chunks.columns(i)
+        fresh = chunks.fresh(i)
         p, q = _probs(th, dh, chunks.head(w, i), fresh, lse_p, lse_q, temperature)
         return alpha + jnp.sum(jnp.minimum(p, q), axis=-1), s + jnp.sum(jnp.where(q < p, q, 0.0), axis=-1)
 
@@ -91,7 +91,7 @@ def _bwd(temperature, chunk, axis, res, grads):
 
     def body(i, d_dh):
         head = chunks.head(w, i)
-        _, fresh = chunks.columns(i)
+        fresh = chunks.fresh(i)
         p, q = _probs(th, dh, head, fresh, lse_p, lse_q, temperature)
         dz = (g_a[:, None] * q * (jnp.where(q < p, 1.0, 0.0) - s[:, None])
               + g_kl[:, None] * (q - p) + g_ce[:, None] * q)

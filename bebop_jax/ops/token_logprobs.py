@@ -28,7 +28,7 @@ def _stats(hidden_NxH, lm_head_HxV, chunks, temperature, axis):
     n = hidden_NxH.shape[0]
 
     def body(i, carry):
-        cols, fresh = chunks.columns(i)
+        fresh = chunks.fresh(i)
         z = chunk_logits(hidden_NxH, chunks.head(lm_head_HxV, i), fresh, temperature)
         return tuple(online_update(*carry[:2], z, (carry[2], z)))
 
@@ -66,7 +66,7 @@ def _bwd(temperature, chunk, axis, res, grads):
     def body(i, carry):
         dh, dw = carry
         head = chunks.head(lm_head_HxV, i)
-        cols, fresh = chunks.columns(i)
+        fresh = chunks.fresh(i)
         z = chunk_logits(hidden_NxH, head, fresh, temperature)
         p = jnp.exp(z - lse[:, None])                                      # 0 on masked columns
         dz = -g_logp[:, None] * p - g_ent[:, None] * p * jnp.where(fresh[None, :], z - mean_z[:, None], 0.0)
