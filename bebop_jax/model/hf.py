@@ -62,7 +62,8 @@ from safetensors.numpy import save_file
 
 from bebop_jax.config import DTYPES, ModelConfig
 from bebop_jax.model.policy import LAYER_PREFIX
-from bebop_jax.model.params import abstract_params, head_names, init_mtp_params_in, is_head_key, shard_params_for
+from bebop_jax.model.params import (abstract_params, head_names, init_mtp_params_in, is_head_key, key_name,
+                                    shard_params_for)
 
 logger = logging.getLogger(__name__)
 
@@ -184,12 +185,8 @@ def _check_specs_cover_model(cfg: ModelConfig, specs: list[_Spec]) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    return {tuple(_key_name(k) for k in path): tuple(x.shape)
+    return {tuple(key_name(k) for k in path): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
-
-
-def _key_name(k) -> str:
-    return str(getattr(k, "key", getattr(k, "name", k)))
 
 
 # --------------------------------------------------------------------------------------
@@ -573,7 +570,7 @@ def export_hf_checkpoint(model_config: ModelConfig, params: Mapping, path: str |
     if base_config is not None and not isinstance(base_config, Mapping):
         raise ValueError(f"base_config must be a mapping or None, got {type(base_config).__name__}")
     specs = _all_specs(model_config)
-    flat = {tuple(_key_name(k) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {tuple(key_name(k) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     for s in specs:
         if s.path not in flat:
             raise ValueError(f"params: missing {'/'.join(s.path)} (HF {s.name}) for this model_config")

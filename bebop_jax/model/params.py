@@ -58,13 +58,14 @@ def init_params(model_config: ModelConfig, key: jax.Array, mesh: Mesh | None = N
 # ----------------------------------------------------------------------------- trunk / heads
 
 
-def _key_name(k) -> str:
+def key_name(k) -> str:
+    """The name of a tree-path key (``DictKey``, ``GetAttrKey``) or of a plain key."""
     return str(getattr(k, "key", getattr(k, "name", k)))
 
 
 def is_head_key(key) -> bool:
     """True for the top-level key of an MTP module's parameters (a str or a tree-path key)."""
-    return _key_name(key).startswith(HEAD_PREFIX)
+    return key_name(key).startswith(HEAD_PREFIX)
 
 
 def is_trunk_param(path: tuple) -> bool:
@@ -74,7 +75,7 @@ def is_trunk_param(path: tuple) -> bool:
 
 def is_layer_key(key) -> bool:
     """True for the top-level key of one of the trunk's decoder layers."""
-    return _key_name(key).startswith(LAYER_PREFIX)
+    return key_name(key).startswith(LAYER_PREFIX)
 
 
 def head_names(config: ModelConfig) -> list[str]:
