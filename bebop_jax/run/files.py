@@ -80,10 +80,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
     then written to a temp file in the same directory, fsynced and renamed over the
     target: readers see the old file or the new one, never a partial one.
     """
+    return _write_text_atomic(path, to_json(obj, indent=indent) + "\n")
+
+
+def _write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     target = Path(path)
     if not target.name or target.name in (".", ".."):
         raise ValueError(f"path must name a file, got {str(path)!r}")
-    text = to_json(obj, indent=indent) + "\n"
     directory = ensure_run_dir(target.parent)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -120,6 +123,6 @@ def cached_json(path: str | os.PathLike, compute: Callable[[], Any]) -> Any:
     path = Path(path)
     if path.is_file():
         return json.loads(path.read_text())
-    value = compute()
-    write_json_atomic(path, value, indent=None)
-    return json.loads(to_json(value, indent=None))  # what a rerun reads back
+    text = to_json(compute(), indent=None)  # serialised once: written, and read back as a rerun would
+    _write_text_atomic(path, text + "\n")
+    return json.loads(text)
