@@ -8,7 +8,6 @@ or more devices (the script asks XLA for 2 CPU devices before importing jax).
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import numpy as np
@@ -20,7 +19,7 @@ from bebop_jax.model.source import DEFAULT_POLICY, PolicySource, find_policy
 from bebop_jax.rl.loop import run_grpo
 from bebop_jax.rl.meshes import rl_meshes
 from bebop_jax.run.cli import config_dict, prepare_run_dir, refuse_flags
-from bebop_jax.run.files import write_json_atomic, write_results_json
+from bebop_jax.run.files import cached_json, write_results_json
 from bebop_jax.run.metrics import MetricLogger
 from bebop_jax.run.tables import print_table
 from bebop_jax.tasks import check_task_names, get_task
@@ -71,9 +70,11 @@ def setup_configs(args: BenchRLArgs, name: str) -> tuple[RLConfig, SpecConfig]:
 
 
 def run_setup(args: BenchRLArgs, name: str, run_dir, source: PolicySource) -> dict:
-    out_file = run_dir / name / "setup.json"
-    if out_file.is_file():  # finished before a crash
-        return json.loads(out_file.read_text())
+    """One setup's summary, kept in RUN_DIR/<setup>/setup.json (a rerun after a crash reads it back)."""
+    return cached_json(run_dir / name / "setup.json", lambda: _measure_setup(args, name, run_dir, source))
+
+
+def _measure_setup(args: BenchRLArgs, name: str, run_dir, source: PolicySource) -> dict:
     rl, spec = setup_configs(args, name)
     devices = jax.devices()[:2] if rl.rollout_devices else jax.devices()[:1]
     rollout_mesh, mesh = rl_meshes(rl.rollout_devices, MeshConfig(data=-1), devices=devices)
@@ -88,9 +89,7 @@ def run_setup(args: BenchRLArgs, name: str, run_dir, source: PolicySource) -> di
         result = run_grpo(policy.params, policy.model_config, policy.tokenizer, tasks, rl=rl, grpo=args.grpo, spec=spec,
                           optimizer=args.optimizer, mesh=mesh, rollout_mesh=rollout_mesh, run_dir=run_dir / name,
                           logger=logger, config=config)
-    summary = summarise(args, result.history, result.counters, overlapped=rl.async_rollouts)
-    write_json_atomic(out_file, summary)
-    return summary
+    return summarise(args, result.history, result.counters, overlapped=rl.async_rollouts)
 
 
 def summarise(args: BenchRLArgs, history: list[dict], counters: dict, *, overlapped: bool) -> dict:
