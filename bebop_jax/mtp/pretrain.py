@@ -36,7 +36,7 @@ from bebop_jax.decode.rollout import rollout
 from bebop_jax.decode.stats import DecodeStats
 from bebop_jax.model.hf import export_hf_checkpoint
 from bebop_jax.model.params import head_params, init_mtp_params, merge_params, trunk_params
-from bebop_jax.model.params_io import load_policy, save_policy
+from bebop_jax.model.params_io import CONFIG_FILE, load_policy, save_policy
 from bebop_jax.model.source import find_policy
 from bebop_jax.mtp.evaluate import teacher_forced_acceptance
 from bebop_jax.parallel import make_mesh, maybe_initialize_distributed
@@ -104,22 +104,30 @@ REFUSED = {
 }
 
 
-def load_base(args: MTPArgs, run_dir, mesh):
-    """(model_config, params, tokenizer, source) of the frozen base; source is None for a base trained here."""
-    if args.policy_dir:
-        source = find_policy(args.policy_dir)
-        if args.fresh_heads and not source.hf:
-            raise UserError("--fresh_heads: only means something with a Hugging Face --policy_dir "
-                            "(other bases ship no trained heads)")
+def find_base(args: MTPArgs):
+    """The ``--policy_dir`` base, checked (None: a base is trained here)."""
+    if not args.policy_dir:
+        return None
+    source = find_policy(args.policy_dir)
+    if args.fresh_heads and not source.hf:
+        raise UserError("--fresh_heads: only means something with a Hugging Face --policy_dir "
+                        "(other bases ship no trained heads)")
+    return source
+
+
+def load_base(args: MTPArgs, source, run_dir, mesh):
+    """(model_config, params, tokenizer) of the frozen base: ``source`` (``find_base``) or, when it is
+    None, the base trained into RUN_DIR/base (trained first if it is not there)."""
+    if source is not None:
         loaded = source.load(mesh, tokenizer=args.tokenizer)
-        return loaded.model_config, loaded.params, loaded.tokenizer, source
+        return loaded.model_config, loaded.params, loaded.tokenizer
     base_args = dataclasses.replace(args.base, run_dir=str(run_dir / "base"), tasks=args.tasks,
                                     tokenizer=args.tokenizer)
-    if not (run_dir / "base" / "policy" / "model_config.json").is_file():
+    if not (run_dir / "base" / "policy" / CONFIG_FILE).is_file():
         print(f"no --policy_dir given: training a base model into {base_args.run_dir}", flush=True)
         pretrain_base(base_args)
     model_config, params = load_policy(run_dir / "base" / "policy", mesh, expect=args.base.model)
-    return model_config, params, load_tokenizer(args.tokenizer), None
+    return model_config, params, load_tokenizer(args.tokenizer)
 
 
 def starting_heads(args: MTPArgs, model_config, base_params, mesh, source=None):
@@ -150,6 +158,19 @@ def distillation_rollouts(args: MTPArgs, params, model_config, tokenizer, tasks,
         return data
 
     return cached_json(run_dir / f"rollouts_{split}.json", sample)
+
+
+def distilled_examples(rollouts: dict) -> list:
+    """The examples of ``distillation_rollouts``' data: each prompt with its base response."""
+    return [ex for d in rollouts.values() for ex in rollout_examples(d["prompt_ids"], d["response_ids"])]
+
+
+def held_out_batches(rollouts: dict, *, seq_len: int, batch_size: int, seed: int, vocab_size: int) -> list[dict]:
+    """The teacher-forced evaluation batches of the held-out rollouts, in order (one pass, no
+    shuffle): what pretrain_mtp evaluates on and what the study's paired tests rebuild."""
+    examples = distilled_examples(rollouts)
+    return list(make_dataset(examples, seq_len, min(batch_size, len(examples)), seed=seed, shuffle=False,
+                             num_epochs=1, drop_remainder=False, overlong="truncate", vocab_size=vocab_size))
 
 
 def train_mtp(args: MTPArgs, loss: str, heads, base_params, model_config, dataset, mesh, run_dir, logger, *,
@@ -206,11 +227,10 @@ def evaluate_spec(args: MTPArgs, params, model_config, tokenizer, tasks, eval_ex
 def pretrain_mtp(args: MTPArgs) -> dict:
     refuse_flags(args, REFUSED)
     maybe_initialize_distributed()
-    if args.policy_dir:
-        find_policy(args.policy_dir)  # a bad path fails before the run directory is made
+    source = find_base(args)  # a bad base fails before the run directory is made
     run_dir = prepare_run_dir(args.run_dir)
     mesh = make_mesh(args.mesh)
-    model_config, base_params, tokenizer, source = load_base(args, run_dir, mesh)
+    model_config, base_params, tokenizer = load_base(args, source, run_dir, mesh)
     hf_base = source is not None and source.hf
     base_config = model_config  # the rollouts run the trunk alone; the heads trained below may be narrower
     if args.mtp_intermediate_size is not None:
@@ -225,13 +245,11 @@ def pretrain_mtp(args: MTPArgs) -> dict:
     test_ro = distillation_rollouts(args, base_params, base_config, tokenizer, tasks, run_dir, "test",
                                     args.eval_prompts, seed)
     eval_examples = {t.name: t.examples("test", args.eval_prompts, seed=seed) for t in tasks}
-    corpus = [ex for d in train_ro.values() for ex in rollout_examples(d["prompt_ids"], d["response_ids"])]
-    held_out = [ex for d in test_ro.values() for ex in rollout_examples(d["prompt_ids"], d["response_ids"])]
+    corpus = distilled_examples(train_ro)
     dataset = make_dataset(corpus, args.train.seq_len, args.train.batch_size, seed=seed, overlong="truncate",
                            vocab_size=model_config.vocab_size)
-    eval_batches = list(make_dataset(held_out, args.train.seq_len, min(args.train.batch_size, len(held_out)),
-                                     seed=seed, shuffle=False, num_epochs=1, drop_remainder=False, overlong="truncate",
-                                     vocab_size=model_config.vocab_size))
+    eval_batches = held_out_batches(test_ro, seq_len=args.train.seq_len, batch_size=args.train.batch_size,
+                                    seed=seed, vocab_size=model_config.vocab_size)
 
     acceptance, teacher_forced, entropy, warm = {}, {}, {}, None
 

@@ -46,12 +46,11 @@ from bebop_jax.config import (
     RLConfig,
     SpecConfig,
 )
-from bebop_jax.data.corpus import rollout_examples
-from bebop_jax.data.pipeline import make_dataset
 from bebop_jax.decode.sweep import acceptance_sweep
 from bebop_jax.model.params_io import load_policy, save_policy
 from bebop_jax.model.source import DEFAULT_POLICY, PolicySource, find_policy
 from bebop_jax.mtp import teacher_forced_acceptance
+from bebop_jax.mtp.pretrain import held_out_batches
 from bebop_jax.rl.loop import run_grpo
 from bebop_jax.rl.meshes import rl_meshes
 from bebop_jax.rl.strategies import STRATEGIES
@@ -186,11 +185,9 @@ def per_prompt_accepted(pretrain: Path, results: dict) -> dict[str, list[float]]
 def teacher_forced_rows(pretrain: Path, loss: str, temp: float, results: dict) -> list[float]:
     cfg, params = load_policy(pretrain / f"mtp_{loss}" / "policy")
     ro = json.loads((pretrain / "rollouts_test.json").read_text())
-    held_out = [ex for d in ro.values() for ex in rollout_examples(d["prompt_ids"], d["response_ids"])]
     train = results["config"]["train"]
-    batches = list(make_dataset(held_out, train["seq_len"], min(train["batch_size"], len(held_out)),
-                                seed=train["seed"], shuffle=False, num_epochs=1, drop_remainder=False,
-                                overlong="truncate", vocab_size=cfg.vocab_size))
+    batches = held_out_batches(ro, seq_len=train["seq_len"], batch_size=train["batch_size"], seed=train["seed"],
+                               vocab_size=cfg.vocab_size)
     return teacher_forced_acceptance(params, cfg, batches, temp)["per_row_mean_accepted"]["rejection"]
 
 
