@@ -16,6 +16,8 @@ from bebop_jax.aggregations import AGGREGATIONS
 from bebop_jax.sampling import SamplingConfig  # noqa: F401  (re-exported: one home per config)
 
 DTYPES = ("float32", "bfloat16")
+VOCAB_IMPLS = ("auto", "dense", "chunked")
+CHUNKED_VOCAB_FROM = 32_768  # vocab_impl="auto" reduces over vocabulary chunks from this size on
 
 
 def _check(cond: bool, cls: str, field: str, why: str) -> None:
@@ -54,12 +56,19 @@ class ModelConfig:
     mtp_intermediate_size: int | None = None  # MLP width of the MTP modules (None: intermediate_size)
     dtype: str = "float32"        # activations / matmul inputs
     param_dtype: str = "float32"  # stored parameters
+    # How losses, log-probs and entropies reduce over the vocabulary: "dense" builds [.., V]
+    # float32 logits, "chunked" walks ``vocab_chunk`` columns of the LM head at a time
+    # (bebop_jax.ops; never [.., V]), "auto" is chunked from CHUNKED_VOCAB_FROM entries on.
+    # Results agree either way; neither changes a parameter.
+    vocab_impl: str = "auto"
+    vocab_chunk: int = 8192
 
     def __post_init__(self):
         cls = "ModelConfig"
         _positive_ints(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                        "head_dim", "intermediate_size", "max_seq_len", "num_mtp_depths",
-                       "num_mtp_modules")
+                       "num_mtp_modules", "vocab_chunk")
+        _check(self.vocab_impl in VOCAB_IMPLS, cls, "vocab_impl", f"must be one of {VOCAB_IMPLS}, got {self.vocab_impl!r}")
         _check(isinstance(self.vocab_size, int) and self.vocab_size >= 2, cls, "vocab_size",
                f"must be an int >= 2, got {self.vocab_size!r}")
         _check(self.num_heads % self.num_kv_heads == 0, cls, "num_kv_heads",
@@ -77,6 +86,13 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, cls, name,
                    f"must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    @property
+    def chunked_vocab(self) -> bool:
+        """Whether losses and log-probs reduce over vocabulary chunks (``vocab_impl``)."""
+        if self.vocab_impl == "auto":
+            return self.vocab_size >= CHUNKED_VOCAB_FROM
+        return self.vocab_impl == "chunked"
 
     @property
     def mtp_mlp_size(self) -> int:

@@ -338,7 +338,7 @@ def ce_loss(
 
     temperature = _as_temperature(temperature)
     ce_xK = _label_nll(draft_logits, safe_labels_xK, temperature)
-    loss = _weighted_mean(ce_xK, mask_xK)
+    loss = _loss_of_terms("ce", None, ce_xK, mask_xK)
 
     if target_logits is not None:
         terms = _pair_terms(jax.lax.stop_gradient(target_logits), draft_logits, temperature)
@@ -352,12 +352,24 @@ def ce_loss(
     return loss, metrics
 
 
+def _loss_of_terms(name: str, terms: _PairTerms, ce_xK, mask_xK) -> jax.Array:
+    """The loss ``name`` from per-token terms (``ce_xK`` only for "ce")."""
+    if name == "ce":
+        return _weighted_mean(ce_xK, mask_xK)
+    if name == "kl":
+        return _weighted_mean(terms.kl, mask_xK)
+    if name == "tv":
+        return _weighted_mean(terms.tv, mask_xK)
+    prefix_xK = _acceptance_prefix_products(1.0 - terms.tv, mask_xK)
+    return _weighted_mean(1.0 - prefix_xK, mask_xK)
+
+
 def kl_loss(
     target_logits, draft_logits, mask, temperature=1.0
 ) -> tuple[jax.Array, Metrics]:
     """Forward KL(p || q) per token, weighted mean over positions and depths."""
     terms, mask_xK = _prepare_pair(target_logits, draft_logits, mask, temperature)
-    loss = _weighted_mean(terms.kl, mask_xK)
+    loss = _loss_of_terms("kl", terms, None, mask_xK)
     return loss, _pair_metrics(terms, mask_xK, loss)
 
 
@@ -370,7 +382,7 @@ def tv_loss(
     others (contrast e2e_tv_loss).
     """
     terms, mask_xK = _prepare_pair(target_logits, draft_logits, mask, temperature)
-    loss = _weighted_mean(terms.tv, mask_xK)
+    loss = _loss_of_terms("tv", terms, None, mask_xK)
     return loss, _pair_metrics(terms, mask_xK, loss)
 
 
@@ -391,9 +403,25 @@ def e2e_tv_loss(
     acceptance of the later depths hangs on it.
     """
     terms, mask_xK = _prepare_pair(target_logits, draft_logits, mask, temperature)
-    prefix_xK = _acceptance_prefix_products(1.0 - terms.tv, mask_xK)
-    loss = _weighted_mean(1.0 - prefix_xK, mask_xK)
+    loss = _loss_of_terms("e2e_tv", terms, None, mask_xK)
     return loss, _pair_metrics(terms, mask_xK, loss)
+
+
+def loss_from_terms(name: str, mask, *, alpha, kl, greedy_alpha, target_entropy, ce,
+                    accuracy) -> tuple[jax.Array, Metrics]:
+    """The loss ``name`` and the metrics its logits version reports, from per-token terms [..., K]
+    (``bebop_jax.ops.draft_agreement``'s outputs: differentiable ``alpha``, ``kl``, ``ce``; the rest
+    metrics). The same formulas as the losses above: ``tv = 1 - alpha``; e2e TV's products over
+    depths as ``e2e_tv_loss`` defines them."""
+    get_loss(name)
+    mask_xK = jnp.asarray(mask).astype(jnp.float32)
+    terms = _PairTerms(1.0 - alpha, kl, greedy_alpha, target_entropy)
+    loss = _loss_of_terms(name, terms, ce, mask_xK)
+    metrics = _pair_metrics(terms, mask_xK, loss)
+    if name == "ce":
+        metrics["ce"] = _per_depth_mean(jax.lax.stop_gradient(ce), mask_xK)
+        metrics["accuracy"] = _per_depth_mean(jax.lax.stop_gradient(accuracy), mask_xK)
+    return loss, metrics
 
 
 LOSSES: Mapping[str, Callable[..., tuple[jax.Array, Metrics]]] = {
@@ -428,10 +456,3 @@ def compute_loss(
         raise ValueError(f"target_logits must be given for the {name!r} loss")
     return loss_fn(target_logits, draft_logits, mask, temperature)
 
-
-def next_token_ce(logits_BxTxV, tokens_BxT, mask_BxT) -> jax.Array:
-    """Weighted mean NLL of x_{t+1} under the trunk at t (weights = mask at t+1)."""
-    w = mask_BxT[:, 1:]
-    logp = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-6)

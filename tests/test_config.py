@@ -36,6 +36,8 @@ BAD = [
     (C.ModelConfig, dict(num_mtp_depths=3, num_mtp_modules=2), "num_mtp_modules"),  # not 1 or K
     (C.ModelConfig, dict(num_mtp_depths=2, num_mtp_modules=3), "num_mtp_modules"),
     (C.ModelConfig, dict(vocab_size=1), "vocab_size"),
+    (C.ModelConfig, dict(vocab_impl="sparse"), "vocab_impl"),
+    (C.ModelConfig, dict(vocab_chunk=0), "vocab_chunk"),
     (C.ModelConfig, dict(vocab_size=64.0), "vocab_size"),
     (C.ModelConfig, dict(rope_theta=0.0), "rope_theta"),
     (C.ModelConfig, dict(rms_norm_eps=0.0), "rms_norm_eps"),
@@ -230,3 +232,10 @@ def test_valid_enumerations_accepted():
     for method in ("none", "greedy", "rejection"):
         assert C.SpecConfig(method=method).method == method
     assert SamplingConfig(temperature=0.0).greedy  # 0 = greedy is valid for sampling, not losses
+
+
+def test_vocab_impl_auto_chunks_large_vocabularies_only():
+    assert not C.ModelConfig.tiny().chunked_vocab
+    assert C.ModelConfig.tiny(vocab_size=C.CHUNKED_VOCAB_FROM).chunked_vocab
+    assert not C.ModelConfig.tiny(vocab_size=151_936, vocab_impl="dense").chunked_vocab
+    assert C.ModelConfig.tiny(vocab_impl="chunked").chunked_vocab

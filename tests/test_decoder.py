@@ -504,3 +504,30 @@ def test_sampling_config_rejects_bad_values(field, kwargs):
 def test_spec_config_rejects_bad_num_draft(num_draft):
     with pytest.raises(ValueError, match="num_draft"):
         SpecConfig("rejection", num_draft)
+
+
+def test_prefill_computes_logits_only_where_it_samples():
+    """The prefill of a [B, T] prompt block holds [B, V] logits (the pending token's), never
+    [B, T, V]: at a 151,936-token vocabulary the full block would be the largest buffer of a rollout."""
+    cfg = ModelConfig.tiny(vocab_size=97)
+    b, t = 2, 9
+    params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params(cfg))
+    state = dec.init_state(cfg, b, 32, cfg.num_mtp_depths)
+
+    def prefill(params, tokens, lens):
+        return dec._prefill(dec._Model(params, cfg), state, tokens, lens, jax.random.key(0), SamplingConfig(),
+                            cfg.num_mtp_depths)
+
+    jaxpr = jax.make_jaxpr(prefill)(params, jnp.zeros((b, t), jnp.int32), jnp.full((b,), t, jnp.int32))
+    shapes = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            shapes.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    per_row = {s for s in shapes if len(s) >= 2 and s[0] == b and s[-1] == cfg.vocab_size}  # not [H, V] weights
+    assert (b, 1, cfg.vocab_size) in per_row  # the test sees the head's output
+    assert all(np.prod(s[1:-1]) == 1 for s in per_row), sorted(per_row)

@@ -64,7 +64,7 @@ def test_draft_agreement_values_and_gradients_equal_the_dense_formulas(temperatu
     kw = dict(temperature=temperature)
     out = draft_agreement(target, draft, head, ids, chunk_size=chunk_size, **kw)
     ref = draft_agreement_reference(target, draft, head, ids, **kw)
-    assert set(out) == {"alpha", "kl", "ce"}
+    assert set(out) == {"alpha", "kl", "ce", "greedy_alpha", "target_entropy", "accuracy"}
     for key in out:
         assert out[key].dtype == jnp.float32 and out[key].shape == (N,)
         _close(out[key], ref[key], 1e-5)
@@ -75,6 +75,33 @@ def test_draft_agreement_values_and_gradients_equal_the_dense_formulas(temperatu
     assert float(jnp.max(jnp.abs(grads[1]))) > 1e-3  # the draft does get a gradient
     # the target side and the LM head are read through stop_gradient
     assert not np.any(np.asarray(grads[0])) and not np.any(np.asarray(grads[2]))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_head_grad_trains_the_draft_sides_lm_head(chunk_size):
+    """Joint training: with head_grad the draft's use of the LM head gets its gradient (the
+    target's use still does not), as autodiff of the dense formula with only the target stopped."""
+    target, draft, head, ids = _inputs(3)
+    kw = dict(temperature=0.8, head_grad=True)
+    grads = jax.grad(_da_scalar(draft_agreement, chunk_size=chunk_size, **kw), argnums=(0, 1, 2))(target, draft, head, ids)
+    ref = jax.grad(_da_scalar(draft_agreement_reference, **kw), argnums=(0, 1, 2))(target, draft, head, ids)
+    assert not np.any(np.asarray(grads[0]))
+    assert float(jnp.max(jnp.abs(grads[2]))) > 1e-3
+    for g, r in zip(grads[1:], ref[1:]):
+        _close(g, r, 1e-4, atol=1e-5)
+
+
+def test_greedy_metrics_take_the_first_maximal_column():
+    """Ties in the draft's logits: argmax is the first maximal column, as jnp.argmax, even when the
+    tie spans chunks."""
+    head = jnp.zeros((2, 10)).at[0, 3].set(1.0).at[0, 7].set(1.0)  # columns 3 and 7 tie
+    draft = jnp.array([[2.0, 0.0]])
+    target = jnp.array([[0.0, 1.0]])
+    for chunk in (2, 4, 10):
+        out = draft_agreement(target, draft, head, jnp.array([3]), chunk_size=chunk)
+        ref = draft_agreement_reference(target, draft, head, jnp.array([3]))
+        assert float(out["accuracy"][0]) == float(ref["accuracy"][0]) == 1.0
+        _close(out["greedy_alpha"], ref["greedy_alpha"], 1e-6)
 
 
 def test_draft_equal_to_target_agrees_fully():

@@ -145,6 +145,16 @@ class _Model:
     def trunk(self, tokens, positions, caches):
         return self.policy.apply({"params": self.params}, tokens, positions, caches, method=Policy.trunk)
 
+    def trunk_features(self, tokens, positions, caches):
+        return self.policy.apply({"params": self.params}, tokens, positions, caches, method=Policy.trunk_features)
+
+    def head(self, normed):
+        return self.policy.apply({"params": self.params}, normed, method=Policy.head)
+
+    def mtp_features(self, depth, hidden, tokens, positions, cache):
+        return self.policy.apply({"params": self.params}, depth, hidden, tokens, positions, cache,
+                                 method=Policy.mtp_depth_features)
+
     def mtp(self, depth, hidden, tokens, positions, cache, last_only=False):
         return self.policy.apply({"params": self.params}, depth, hidden, tokens, positions, cache,
                                  last_only=last_only, method=Policy.mtp_depth)
@@ -159,7 +169,7 @@ def _mtp_fill(model: _Model, state: DecodeState, hidden_new_BxTxH: Array, start_
     caches = []
     for k in range(1, num_depths + 1):
         tokens = _gather_rows(state.seq, positions + k)
-        hidden, _, cache = model.mtp(k, hidden, tokens, positions, state.mtp_cache[k - 1])
+        hidden, _, cache = model.mtp_features(k, hidden, tokens, positions, state.mtp_cache[k - 1])
         caches.append(cache)
     return caches
 
@@ -172,10 +182,11 @@ def _prefill(model: _Model, state: DecodeState, tokens_BxT: Array, lens_B: Array
     """
     start = state.length
     positions = _positions(start, tokens_BxT.shape[1])
-    hidden, logits, trunk_cache = model.trunk(tokens_BxT, positions, state.trunk_cache)
+    hidden, normed, trunk_cache = model.trunk_features(tokens_BxT, positions, state.trunk_cache)
     valid = jnp.arange(tokens_BxT.shape[1])[None, :] < lens_B[:, None]
     seq = _scatter_rows(state.seq, positions, tokens_BxT, valid)
-    last_logits = _gather_rows(logits, (lens_B - 1)[:, None])[:, 0]
+    # logits only where the pending token is sampled: [B, V], not [B, T, V]
+    last_logits = model.head(_gather_rows(normed, (lens_B - 1)[:, None]))[:, 0]
     pending = sampling.sample(key, last_logits, sampling_cfg.temperature, sampling_cfg.top_k, sampling_cfg.top_p)
     logp, ent = token_logprob_entropy(last_logits[:, None], pending[:, None], sampling_cfg)
     new_len = start + lens_B

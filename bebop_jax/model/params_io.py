@@ -64,7 +64,7 @@ def load_policy(path: str | Path, mesh: Mesh | None = None, *,
                 expect: ModelConfig | None = None) -> tuple[ModelConfig, Any]:
     """Load ``(model_config, params)``; with ``expect``, refuse a checkpoint of another shape.
 
-    Fields that do not change parameter shapes (dtype, rope_theta, max_seq_len, eps)
+    Fields that do not change parameter shapes (dtype, rope_theta, max_seq_len, eps, vocab_impl)
     may differ from ``expect``; the expected values are then used.
     """
     path = Path(path).absolute()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from bebop_jax.config import ModelConfig
 from bebop_jax.model.layers import DecoderLayer, KVCache, RMSNorm, _dense_init, _param, maybe_stop
+from bebop_jax.model.readout import logits as apply_head
 
 Array = jax.Array
 
@@ -40,6 +41,17 @@ class PolicyOutput:
     logits: Array      # [B, T, V] float32: trunk distribution of x_{t+1}
     hidden: Array      # [B, T, H]: trunk residual stream before the final norm
     mtp_logits: Array  # [B, T, K, V] float32: depth k drafts x_{t+k+1}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PolicyFeatures:
+    """The teacher-forced forward up to the LM head: what a vocabulary-chunked loss reads
+    instead of logits (``logits = normed @ head``, ``mtp_logits = mtp_normed @ head``)."""
+    hidden: Array      # [B, T, H]: trunk residual stream before the final norm
+    normed: Array      # [B, T, H]: the trunk's final-normed hidden (its LM-head input)
+    mtp_normed: Array  # [B, T, K, H]: depth k's final-normed hidden (its LM-head input)
+    head: Array        # [H, V]: the shared LM head in the compute dtype
 
 
 def shift_tokens(tokens_BxT: Array, k: int, pad_id: int = 0) -> Array:
@@ -95,14 +107,16 @@ class Policy(nn.Module):
         table = maybe_stop(self.embedding, frozen)
         return jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
 
-    def head(self, normed_BxTxH: Array, frozen: bool = False) -> Array:
-        """Shared LM head -> float32 logits."""
+    def head_weight(self, frozen: bool = False) -> Array:
+        """The shared LM head as [H, V] in the compute dtype (the embedding's transpose when tied)."""
         dt = jnp.dtype(self.config.dtype)
         if self.config.tie_embeddings:
-            w = maybe_stop(self.embedding, frozen).astype(dt)
-            return jnp.einsum("bth,vh->btv", normed_BxTxH.astype(dt), w, preferred_element_type=jnp.float32)
-        w = maybe_stop(self.lm_head, frozen).astype(dt)
-        return jnp.einsum("bth,hv->btv", normed_BxTxH.astype(dt), w, preferred_element_type=jnp.float32)
+            return maybe_stop(self.embedding, frozen).astype(dt).T
+        return maybe_stop(self.lm_head, frozen).astype(dt)
+
+    def head(self, normed_BxTxH: Array, frozen: bool = False) -> Array:
+        """Shared LM head -> float32 logits."""
+        return apply_head(normed_BxTxH, self.head_weight(frozen))
 
     def trunk(self, tokens_BxT: Array, positions_BxT: Array, caches: list[KVCache] | None = None,
               segment_ids_BxT: Array | None = None):
@@ -111,13 +125,18 @@ class Policy(nn.Module):
         ``segment_ids`` marks packed examples (no caches): attention stays inside a
         segment, and ``positions`` restart at 0 in each one.
         """
+        x, normed, new_caches = self.trunk_features(tokens_BxT, positions_BxT, caches, segment_ids_BxT)
+        return x, self.head(normed), new_caches
+
+    def trunk_features(self, tokens_BxT: Array, positions_BxT: Array, caches: list[KVCache] | None = None,
+                       segment_ids_BxT: Array | None = None):
+        """``trunk`` without the LM head -> (hidden before the final norm, final-normed hidden [B,T,H], caches)."""
         x = self.embed(tokens_BxT)
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, positions_BxT, None if caches is None else caches[i], segment_ids_BxT)
             new_caches.append(c)
-        logits = self.head(self.norm(x))
-        return x, logits, (None if caches is None else new_caches)
+        return x, self.norm(x), (None if caches is None else new_caches)
 
     def mtp_depth(self, depth: int, hidden_BxTxH: Array, tokens_BxT: Array, positions_BxT: Array,
                   cache: KVCache | None = None, frozen: bool = False, last_only: bool = False):
@@ -128,28 +147,52 @@ class Policy(nn.Module):
         ``frozen`` reads the embedding and LM head through stop_gradient; the caller
         detaches the trunk hidden itself (depth >= 2 hiddens must keep their gradient).
         """
-        module = self.mtp[self.config.mtp_module_for_depth[depth - 1]]
-        h, normed, new_cache = module(self.embed(tokens_BxT, frozen), hidden_BxTxH, positions_BxT, cache)
+        h, normed, new_cache = self.mtp_depth_features(depth, hidden_BxTxH, tokens_BxT, positions_BxT, cache, frozen)
         if last_only:
             normed = normed[:, -1:]
         return h, self.head(normed, frozen), new_cache
 
+    def mtp_depth_features(self, depth: int, hidden_BxTxH: Array, tokens_BxT: Array, positions_BxT: Array,
+                           cache: KVCache | None = None, frozen: bool = False):
+        """``mtp_depth`` without the LM head -> (hidden for the next depth, final-normed hidden [B,T,H], cache)."""
+        module = self.mtp[self.config.mtp_module_for_depth[depth - 1]]
+        return module(self.embed(tokens_BxT, frozen), hidden_BxTxH, positions_BxT, cache)
+
     # -- the teacher-forced forward used for training -------------------------------------------
     def __call__(self, tokens_BxT: Array, *, freeze_trunk: bool = False) -> PolicyOutput:
-        b, t = tokens_BxT.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        hidden, logits, _ = self.trunk(tokens_BxT, positions)
+        f = self.features(tokens_BxT, freeze_trunk=freeze_trunk)
+        logits = apply_head(f.normed, f.head)
         if freeze_trunk:
             logits = jax.lax.stop_gradient(logits)
-        mtp_logits = self.mtp_stack(hidden, tokens_BxT, positions, frozen=freeze_trunk)
-        return PolicyOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits)
+        return PolicyOutput(logits=logits, hidden=f.hidden, mtp_logits=apply_head(f.mtp_normed, f.head))
+
+    def features(self, tokens_BxT: Array, *, freeze_trunk: bool = False, with_mtp: bool = True) -> PolicyFeatures:
+        """The teacher-forced forward without logits; ``freeze_trunk`` as in ``__call__`` (the
+        returned ``head`` is then detached too). ``with_mtp=False`` skips the MTP depths
+        (``mtp_normed`` is then [B, T, 0, H])."""
+        b, t = tokens_BxT.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        hidden, normed, _ = self.trunk_features(tokens_BxT, positions)
+        if with_mtp:
+            mtp_normed = self.mtp_stack_features(hidden, tokens_BxT, positions, frozen=freeze_trunk)
+        else:
+            mtp_normed = jnp.zeros((b, t, 0, normed.shape[-1]), normed.dtype)
+        return PolicyFeatures(hidden=hidden, normed=maybe_stop(normed, freeze_trunk), mtp_normed=mtp_normed,
+                              head=self.head_weight(freeze_trunk))
 
     def mtp_stack(self, hidden_BxTxH: Array, tokens_BxT: Array, positions_BxT: Array, frozen: bool = False) -> Array:
         """Every depth's teacher-forced drafts [B,T,K,V] from the trunk hidden; ``frozen`` detaches the
         trunk (hidden, embedding, LM head) so no MTP gradient reaches it."""
+        normed = self.mtp_stack_features(hidden_BxTxH, tokens_BxT, positions_BxT, frozen)
+        return apply_head(normed, self.head_weight(frozen))
+
+    def mtp_stack_features(self, hidden_BxTxH: Array, tokens_BxT: Array, positions_BxT: Array,
+                           frozen: bool = False) -> Array:
+        """``mtp_stack`` without the LM head: every depth's final-normed hidden [B,T,K,H]."""
         h = maybe_stop(hidden_BxTxH, frozen)  # detach the trunk; depths still chain gradients
-        mtp_logits = []
+        normed = []
         for k in range(1, self.config.num_mtp_depths + 1):
-            h, lg, _ = self.mtp_depth(k, h, shift_tokens(tokens_BxT, k), positions_BxT, frozen=frozen)
-            mtp_logits.append(lg)
-        return jnp.stack(mtp_logits, axis=2)
+            h, n, _ = self.mtp_depth_features(k, h, shift_tokens(tokens_BxT, k), positions_BxT, frozen=frozen)
+            normed.append(n)
+        return jnp.stack(normed, axis=2)
+

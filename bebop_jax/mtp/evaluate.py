@@ -18,26 +18,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from bebop_jax.config import ModelConfig
+from bebop_jax.model import readout
 from bebop_jax.model.policy import Policy
 from bebop_jax.mtp.objective import mtp_targets
 
 
+def _per_depth_alphas(params, tokens, loss_mask, model_config: ModelConfig, temperature: float):
+    """(rejection acceptance 1 - TV(p, q), greedy acceptance p(argmax q), weights), each [B,T,K],
+    of each depth against its target, and the trunk's features; dense or over vocabulary chunks."""
+    f = Policy(model_config).apply({"params": params}, tokens, method=Policy.features)
+    if model_config.chunked_vocab:
+        _, _, weights = mtp_targets(None, tokens, loss_mask, model_config.num_mtp_depths)
+        terms = readout.depth_agreement(model_config, f.normed, f.mtp_normed, f.head, tokens, temperature)
+        return terms["alpha"], terms["greedy_alpha"], weights, f
+    target, _, weights = mtp_targets(readout.logits(f.normed, f.head), tokens, loss_mask,
+                                     model_config.num_mtp_depths)
+    p = jax.nn.softmax(target / temperature, axis=-1)                                # [B,T,K,V]
+    q = jax.nn.softmax(readout.logits(f.mtp_normed, f.head) / temperature, axis=-1)
+    alpha_greedy = jnp.take_along_axis(p, jnp.argmax(q, axis=-1)[..., None], axis=-1)[..., 0]
+    return 1.0 - 0.5 * jnp.sum(jnp.abs(p - q), axis=-1), alpha_greedy, weights, f
+
+
 @functools.partial(jax.jit, static_argnames=("model_config", "temperature"))
 def _teacher_forced_sums(params, tokens, loss_mask, *, model_config: ModelConfig, temperature: float):
-    out = Policy(model_config).apply({"params": params}, tokens)
-    target, _, weights = mtp_targets(out.logits, tokens, loss_mask, model_config.num_mtp_depths)
-    p = jax.nn.softmax(target / temperature, axis=-1)                    # [B,T,K,V]
-    q = jax.nn.softmax(out.mtp_logits / temperature, axis=-1)
-    alpha_rej = 1.0 - 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)             # [B,T,K]
-    alpha_greedy = jnp.take_along_axis(p, jnp.argmax(q, axis=-1)[..., None], axis=-1)[..., 0]
+    alpha_rej, alpha_greedy, weights, f = _per_depth_alphas(params, tokens, loss_mask, model_config, temperature)
     # A position counts for E[A] only if all K depths are scored there.
     full = jnp.all(weights > 0, axis=-1)
     ea_rej = jnp.sum(jnp.cumprod(alpha_rej, axis=-1), axis=-1)
     ea_greedy = jnp.sum(jnp.cumprod(alpha_greedy, axis=-1), axis=-1)
-    # Entropy of the trunk at this temperature on scored (response) positions.
-    w_next = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
-    logp = jax.nn.log_softmax(out.logits / temperature, axis=-1)
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    # Entropy of the trunk at this temperature where it predicts a scored (response) token.
+    _, ent = readout.next_token_stats(model_config, f.normed, f.head, tokens, temperature)
+    scored = (loss_mask > 0).at[:, 0].set(False)
     w = (weights > 0).astype(jnp.float32)
     return {
         "alpha_rejection": jnp.sum(alpha_rej * w, axis=(0, 1)),
@@ -46,8 +57,8 @@ def _teacher_forced_sums(params, tokens, loss_mask, *, model_config: ModelConfig
         "ea_rejection": jnp.sum(jnp.where(full, ea_rej, 0.0)),
         "ea_greedy": jnp.sum(jnp.where(full, ea_greedy, 0.0)),
         "full_count": jnp.sum(full.astype(jnp.float32)),
-        "entropy": jnp.sum(ent * (w_next > 0)),
-        "entropy_count": jnp.sum((w_next > 0).astype(jnp.float32)),
+        "entropy": jnp.sum(jnp.where(scored, ent, 0.0)),
+        "entropy_count": jnp.sum(scored.astype(jnp.float32)),
         # per row (one response each), for paired tests across prompts
         "row_ea_rejection": jnp.sum(jnp.where(full, ea_rej, 0.0), axis=1),
         "row_ea_greedy": jnp.sum(jnp.where(full, ea_greedy, 0.0), axis=1),

@@ -4,12 +4,16 @@ With ``p = softmax(target_hidden @ lm_head / T)`` (the target, read through stop
 and ``q = softmax(draft_hidden @ lm_head / T)`` (the draft), per row:
 - ``alpha = sum_v min(p_v, q_v) = 1 - TV(p, q)``, the rejection-sampling acceptance;
 - ``kl = KL(p || q) = sum_v p_v (z^p_v - z^q_v) - lse_p + lse_q``;
-- ``ce = -log q(label) = lse_q - z^q_label``.
+- ``ce = -log q(label) = lse_q - z^q_label``;
+and, as metrics without gradient, ``greedy_alpha = p(argmax q)`` (the acceptance of a greedy
+draft), ``target_entropy = H(p)`` and ``accuracy = [argmax q == label]`` (argmax: the first
+maximal column, as ``jnp.argmax``).
 
 Forward: pass 1 over vocabulary chunks keeps both online log-sum-exps and
 ``sum exp(z^p - m_p) (z^p - z^q)``; pass 2 sums ``min(p, q)`` and ``S = sum_{q < p} q`` with
-both normalisers known. Backward (gradient to ``draft_hidden`` only; residuals: the inputs,
-``lse_p``, ``lse_q`` and ``S``) recomputes each chunk:
+both normalisers known. Backward (gradient to ``draft_hidden``, and with ``head_grad`` to
+the draft side's use of ``lm_head``; residuals: the inputs, ``lse_p``, ``lse_q`` and ``S``)
+recomputes each chunk:
 ``dL/dz^q_v = g_alpha q_v ([q_v < p_v] - S) + g_kl (q_v - p_v) + g_ce (q_v - onehot_v)``.
 Memory is O(N x chunk); sums in float32.
 """
@@ -26,22 +30,28 @@ from bebop_jax.ops.chunks import (check_inputs, chunk_logits, chunking, combine,
 
 
 def _pass1(th, dh, w, chunks, temperature, axis):
+    """Per row: lse_p, lse_q, E_p[z^p - z^q], E_p[z^p], and the argmax of z^q (a global column id)."""
     n = th.shape[0]
     ninf, zero = jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32)
 
     def body(i, carry):
-        mp, sp, sd, mq, sq = carry
+        mp, sp, sd, se, mq, sq, top = carry
         fresh = chunks.fresh(i)
         head = chunks.head(w, i)
         zp, zq = chunk_logits(th, head, fresh, temperature), chunk_logits(dh, head, fresh, temperature)
-        mp, sp, sd = online_update(mp, sp, zp, (sd, zp - jnp.where(fresh[None, :], zq, 0.0)))
+        mp, sp, sd, se = online_update(mp, sp, zp, (sd, zp - jnp.where(fresh[None, :], zq, 0.0)), (se, zp))
+        top = jnp.where(jnp.max(zq, axis=-1) > mq, chunks.start(i) + jnp.argmax(zq, axis=-1).astype(jnp.int32), top)
         mq, sq = online_update(mq, sq, zq)
-        return mp, sp, sd, mq, sq
+        return mp, sp, sd, se, mq, sq, top
 
-    mp, sp, sd, mq, sq = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, (ninf, zero, zero, ninf, zero)))
-    mp, sp, sd = combine(axis, mp, sp, sd)
+    init = (ninf, zero, zero, zero, ninf, zero, jnp.zeros((n,), jnp.int32))
+    mp, sp, sd, se, mq, sq, top = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
+    if axis is not None:  # the first maximal column over all shards
+        top = top + jax.lax.axis_index(axis) * w.shape[1]
+        top = jax.lax.pmin(jnp.where(mq == jax.lax.pmax(mq, axis), top, jnp.iinfo(jnp.int32).max), axis)
+    mp, sp, sd, se = combine(axis, mp, sp, sd, se)
     mq, sq = combine(axis, mq, sq)
-    return mp + jnp.log(sp), mq + jnp.log(sq), sd / sp
+    return mp + jnp.log(sp), mq + jnp.log(sq), sd / sp, se / sp, top
 
 
 def _probs(th, dh, head, fresh, lse_p, lse_q, temperature):
@@ -63,75 +73,97 @@ def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q, axis):
     return tuple(vocab_sum(axis, x) for x in jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, (zero, zero))))
 
 
-def _draft_logit(dh, w, labels, temperature, axis):
-    local, held = local_ids(axis, labels, w.shape[1])
-    z = jnp.einsum("nh,hn->n", dh, jnp.take(w, local, axis=1), preferred_element_type=jnp.float32) / temperature
+def _logit_at(hidden, w, ids, temperature, axis):
+    """[N] (hidden @ lm_head / T) at one global column id per row."""
+    local, held = local_ids(axis, ids, w.shape[1])
+    z = jnp.einsum("nh,hn->n", hidden, jnp.take(w, local, axis=1), preferred_element_type=jnp.float32) / temperature
     return vocab_sum(axis, jnp.where(held, z, 0.0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _agreement(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis):
-    out, _ = _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _agreement(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis, head_grad):
+    out, _ = _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis, head_grad)
     return out
 
 
-def _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis):
+def _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis, head_grad):
     chunks = chunking(lm_head.shape[1], chunk)
-    lse_p, lse_q, mean_gap = _pass1(target_hidden, draft_hidden, lm_head, chunks, temperature, axis)
+    lse_p, lse_q, mean_gap, mean_zp, top = _pass1(target_hidden, draft_hidden, lm_head, chunks, temperature, axis)
     alpha, s = _pass2(target_hidden, draft_hidden, lm_head, chunks, temperature, lse_p, lse_q, axis)
     out = {"alpha": alpha, "kl": mean_gap - lse_p + lse_q,
-           "ce": lse_q - _draft_logit(draft_hidden, lm_head, labels, temperature, axis)}
+           "ce": lse_q - _logit_at(draft_hidden, lm_head, labels, temperature, axis),
+           "greedy_alpha": jnp.exp(_logit_at(target_hidden, lm_head, top, temperature, axis) - lse_p),
+           "target_entropy": lse_p - mean_zp,
+           "accuracy": (top == labels).astype(jnp.float32)}
     return out, (target_hidden, draft_hidden, lm_head, labels, lse_p, lse_q, s)
 
 
-def _bwd(temperature, chunk, axis, res, grads):
+def _bwd(temperature, chunk, axis, head_grad, res, grads):
     th, dh, w, labels, lse_p, lse_q, s = res
     g_a, g_kl, g_ce = (grads[k].astype(jnp.float32) for k in ("alpha", "kl", "ce"))
     chunks = chunking(w.shape[1], chunk)
+    dh32 = dh.astype(jnp.float32)
 
-    def body(i, d_dh):
+    def body(i, carry):
+        d_dh, d_w = carry
         head = chunks.head(w, i)
         fresh = chunks.fresh(i)
         p, q = _probs(th, dh, head, fresh, lse_p, lse_q, temperature)
         dz = (g_a[:, None] * q * (jnp.where(q < p, 1.0, 0.0) - s[:, None])
               + g_kl[:, None] * (q - p) + g_ce[:, None] * q)
-        return d_dh + jnp.dot(dz, head.T.astype(jnp.float32)) / temperature
+        if head_grad:
+            d_w = chunks.add_to(d_w, jnp.dot(dh32.T, dz) / temperature, i)
+        return d_dh + jnp.dot(dz, head.T.astype(jnp.float32)) / temperature, d_w
 
-    d_dh = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, jnp.zeros(dh.shape, jnp.float32)))
+    init = (jnp.zeros(dh.shape, jnp.float32), jnp.zeros(w.shape if head_grad else (0,), jnp.float32))
+    d_dh, d_w = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
     local, held = local_ids(axis, labels, w.shape[1])
     g_held = jnp.where(held, g_ce, 0.0)
     d_dh = vocab_sum(axis, d_dh - g_held[:, None] * jnp.take(w, local, axis=1).astype(jnp.float32).T / temperature)
-    return jnp.zeros_like(th), d_dh.astype(dh.dtype), jnp.zeros_like(w), None
+    d_w = d_w.at[:, local].add(-dh32.T * g_held[None, :] / temperature).astype(w.dtype) if head_grad else jnp.zeros_like(w)
+    return jnp.zeros_like(th), d_dh.astype(dh.dtype), d_w, None
 
 
 _agreement.defvjp(_fwd, _bwd)
 
 
+OUTPUTS = ("alpha", "kl", "ce", "greedy_alpha", "target_entropy", "accuracy")
+
+
 def draft_agreement(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0,
-                    chunk_size: int | None = None, impl: str = "auto", mesh=None) -> dict:
+                    chunk_size: int | None = None, impl: str = "auto", mesh=None, head_grad: bool = False) -> dict:
     """``{"alpha", "kl", "ce"}``, each float32 [N]: ``sum_v min(p, q)``, ``KL(p || q)`` and
     ``-log q(label)`` for ``p = softmax(target_hidden @ lm_head / T)`` and ``q = softmax(draft_hidden
-    @ lm_head / T)``, over vocabulary chunks (never [N, V] logits). The target side and
-    ``lm_head`` are read through stop_gradient: gradients reach ``draft_hidden`` only. With
-    ``mesh``, the LM head is split along V over its model axis (see ``token_logprobs``)."""
+    @ lm_head / T)``, over vocabulary chunks (never [N, V] logits); plus the metrics
+    ``greedy_alpha``, ``target_entropy`` and ``accuracy`` (no gradient). The target side is read
+    through stop_gradient, and so is ``lm_head`` unless ``head_grad`` (joint training, where the
+    draft's gradient also trains the shared LM head): gradients reach ``draft_hidden`` (and
+    the head). With ``mesh``, the LM head is split along V over its model axis (see
+    ``token_logprobs``)."""
     target_hidden, draft_hidden = jnp.asarray(target_hidden), jnp.asarray(draft_hidden)
     lm_head, labels = jnp.asarray(lm_head), jnp.asarray(labels)
     check_inputs("draft_agreement", {"target_hidden": target_hidden, "draft_hidden": draft_hidden}, lm_head,
                  {"labels": labels}, temperature=temperature, chunk_size=chunk_size, impl=impl)
-    core = lambda th, dh, w, t, axis: _agreement(th, dh, w, t, float(temperature), chunk_size, axis)
-    run = on_vocab_shards(core, mesh, 2, {"alpha": None, "kl": None, "ce": None}, lm_head.shape[1],
-                          "draft_agreement")
-    return run(jax.lax.stop_gradient(target_hidden), draft_hidden, jax.lax.stop_gradient(lm_head),
-               labels.astype(jnp.int32))
+    core = lambda th, dh, w, t, axis: _agreement(th, dh, w, t, float(temperature), chunk_size, axis, bool(head_grad))
+    run = on_vocab_shards(core, mesh, 2, dict.fromkeys(OUTPUTS), lm_head.shape[1], "draft_agreement")
+    out = run(jax.lax.stop_gradient(target_hidden), draft_hidden,
+              lm_head if head_grad else jax.lax.stop_gradient(lm_head), labels.astype(jnp.int32))
+    return {k: v if k in ("alpha", "kl", "ce") else jax.lax.stop_gradient(v) for k, v in out.items()}
 
 
-def draft_agreement_reference(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0) -> dict:
+def draft_agreement_reference(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0,
+                              head_grad: bool = False) -> dict:
     """The dense formulas, [N, V] logits and all: what ``draft_agreement`` must equal."""
+    draft_head = lm_head if head_grad else jax.lax.stop_gradient(lm_head)
     zp = jnp.dot(jax.lax.stop_gradient(target_hidden), jax.lax.stop_gradient(lm_head),
                  preferred_element_type=jnp.float32) / temperature
-    zq = jnp.dot(draft_hidden, jax.lax.stop_gradient(lm_head), preferred_element_type=jnp.float32) / temperature
+    zq = jnp.dot(draft_hidden, draft_head, preferred_element_type=jnp.float32) / temperature
     logp, logq = jax.nn.log_softmax(zp, axis=-1), jax.nn.log_softmax(zq, axis=-1)
     p, q = jnp.exp(logp), jnp.exp(logq)
+    top = jnp.argmax(zq, axis=-1)
     return {"alpha": jnp.sum(jnp.minimum(p, q), axis=-1),
             "kl": jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1),
-            "ce": -jnp.take_along_axis(logq, labels[:, None], axis=-1)[:, 0]}
+            "ce": -jnp.take_along_axis(logq, labels[:, None], axis=-1)[:, 0],
+            "greedy_alpha": jax.lax.stop_gradient(jnp.take_along_axis(p, top[:, None], axis=-1)[:, 0]),
+            "target_entropy": -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1),
+            "accuracy": jax.lax.stop_gradient((top == labels).astype(jnp.float32))}

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from bebop_jax.config import GRPOConfig, ModelConfig
-from bebop_jax.model import Policy
+from bebop_jax.model import Policy, readout
+from bebop_jax.model.policy import PolicyFeatures
 from bebop_jax.rl.batch import RolloutBatch
 from bebop_jax.rl.objective import policy_loss, token_mean
 from bebop_jax.model.params import merge_params
-from bebop_jax.mtp.objective import mtp_head_loss
+from bebop_jax.mtp.objective import mtp_features_loss
 
 Array = jax.Array
 
@@ -29,15 +30,17 @@ def _positions(tokens_BxT: Array) -> Array:
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def trunk_forward(params, model_config: ModelConfig, tokens_BxT: Array) -> tuple[Array, Array]:
-    """(hidden [B,T,H], logits [B,T,V]) of the trunk."""
-    hidden, logits, _ = Policy(model_config).apply({"params": params}, tokens_BxT, _positions(tokens_BxT), None,
-                                                   method=Policy.trunk)
-    return hidden, logits
+def trunk_features(params, model_config: ModelConfig, tokens_BxT: Array) -> tuple[Array, Array, Array]:
+    """(hidden [B,T,H] before the final norm, final-normed hidden [B,T,H], LM head [H,V]) of the trunk."""
+    policy = Policy(model_config)
+    hidden, normed, _ = policy.apply({"params": params}, tokens_BxT, _positions(tokens_BxT), None,
+                                     method=Policy.trunk_features)
+    return hidden, normed, policy.apply({"params": params}, method=Policy.head_weight)
 
 
 def sequence_logprobs(logits_BxTxV: Array, tokens_BxT: Array, temperature: float) -> tuple[Array, Array]:
-    """(log p(x_t | x_<t) [B,T], entropy of that distribution [B,T]); column 0 is 0 (no prediction)."""
+    """(log p(x_t | x_<t) [B,T], entropy of that distribution [B,T]) from logits; column 0 is 0
+    (no prediction). The dense formula: the learner reads hidden states (``readout.next_token_stats``)."""
     logp_all = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32) / jnp.float32(temperature), axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
     ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -48,20 +51,27 @@ def sequence_logprobs(logits_BxTxV: Array, tokens_BxT: Array, temperature: float
 @functools.partial(jax.jit, static_argnames=("model_config", "temperature"))
 def policy_logprobs(params, tokens_BxT: Array, *, model_config: ModelConfig, temperature: float) -> Array:
     """[B, T] log-probs of ``tokens`` under ``params`` (old / reference log-probs on the train mesh)."""
-    return sequence_logprobs(trunk_forward(params, model_config, tokens_BxT)[1], tokens_BxT, temperature)[0]
+    _, normed, head = trunk_features(params, model_config, tokens_BxT)
+    return readout.next_token_stats(model_config, normed, head, tokens_BxT, temperature)[0]
+
+
+def loss_from_logprobs(logp_BxT: Array, ent_BxT: Array, batch: RolloutBatch, grpo: GRPOConfig, *,
+                       decoupled: bool) -> tuple[Array, dict]:
+    """``policy_loss`` of a batch given the policy's token log-probs and entropies."""
+    old = jax.lax.stop_gradient(logp_BxT) if batch.old_logp is None else batch.old_logp
+    loss, metrics = policy_loss(logp_BxT, old, batch.advantages, batch.loss_mask, grpo, ref_logp=batch.ref_logp,
+                                behaviour_logp=batch.behaviour_logp if decoupled else None)
+    metrics = {f"policy/{k}": v for k, v in metrics.items()}
+    metrics["policy/entropy"] = jax.lax.stop_gradient(token_mean(ent_BxT, batch.loss_mask))
+    metrics["loss"] = loss
+    return loss, metrics
 
 
 def loss_from_logits(logits_BxTxV: Array, batch: RolloutBatch, grpo: GRPOConfig, temperature: float, *,
                      decoupled: bool) -> tuple[Array, dict]:
     """``policy_loss`` of a batch given the policy's logits (so tests can differentiate w.r.t. them)."""
     logp, ent = sequence_logprobs(logits_BxTxV, batch.tokens, temperature)
-    old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp
-    loss, metrics = policy_loss(logp, old, batch.advantages, batch.loss_mask, grpo, ref_logp=batch.ref_logp,
-                                behaviour_logp=batch.behaviour_logp if decoupled else None)
-    metrics = {f"policy/{k}": v for k, v in metrics.items()}
-    metrics["policy/entropy"] = jax.lax.stop_gradient(token_mean(ent, batch.loss_mask))
-    metrics["loss"] = loss
-    return loss, metrics
+    return loss_from_logprobs(logp, ent, batch, grpo, decoupled=decoupled)
 
 
 def grpo_loss(model_config: ModelConfig, grpo: GRPOConfig, temperature: float, *, decoupled: bool = False,
@@ -71,20 +81,25 @@ def grpo_loss(model_config: ModelConfig, grpo: GRPOConfig, temperature: float, *
     ``decoupled``: weight tokens by min(exp(old - behaviour), is_cap) (async RL, where the
     behaviour policy lags the proximal one); off for synchronous RL. ``mtp_loss`` (an
     online MTP strategy): add that loss of the MTP heads on the rollout tokens, their
-    inputs detached from the trunk, so it trains the heads and nothing else.
+    inputs detached from the trunk, so it trains the heads and nothing else. Log-probs,
+    entropies and the heads' loss reduce over the vocabulary as ``model_config.vocab_impl`` says.
     """
     if not temperature > 0:
         raise ValueError(f"temperature: RL needs a sampling distribution (> 0), got {temperature}")
 
     def loss(trainable, frozen, batch: RolloutBatch):
         params = merge_params(trainable, frozen)
-        hidden, logits = trunk_forward(params, model_config, batch.tokens)
-        value, metrics = loss_from_logits(logits, batch, grpo, temperature, decoupled=decoupled)
+        hidden, normed, head = trunk_features(params, model_config, batch.tokens)
+        logp, ent = readout.next_token_stats(model_config, normed, head, batch.tokens, temperature)
+        value, metrics = loss_from_logprobs(logp, ent, batch, grpo, decoupled=decoupled)
         if mtp_loss is None:
             return value, metrics
-        drafts = Policy(model_config).apply({"params": params}, hidden, batch.tokens, _positions(batch.tokens),
-                                            frozen=True, method=Policy.mtp_stack)
-        head_loss, head_metrics = mtp_head_loss(logits, drafts, batch.tokens, batch.loss_mask, mtp_loss, temperature)
+        mtp_normed = Policy(model_config).apply({"params": params}, hidden, batch.tokens, _positions(batch.tokens),
+                                                frozen=True, method=Policy.mtp_stack_features)
+        features = PolicyFeatures(hidden=hidden, normed=jax.lax.stop_gradient(normed), mtp_normed=mtp_normed,
+                                  head=jax.lax.stop_gradient(head))
+        head_loss, head_metrics = mtp_features_loss(features, batch.tokens, batch.loss_mask, mtp_loss, temperature,
+                                                    model_config)
         metrics.update(head_metrics)
         metrics["loss"] = value + head_loss
         return value + head_loss, metrics
