@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,6 +79,18 @@ _REFUSED = {
     "Qwen3MoeForCausalLM": "its MLPs are mixtures of experts",
 }
 SINGLE_FILE = "model.safetensors"
+# A checkpoint directory's tokenizer: what HFTokenizer.from_dir reads, and the files kin to it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files ``src`` holds into ``dst`` (so an exported checkpoint loads with
+    its tokenizer, as the one it came from); returns the names copied."""
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")

@@ -34,7 +34,7 @@ from bebop_jax.data.pipeline import make_dataset
 from bebop_jax.data.tokenizer import load_tokenizer
 from bebop_jax.decode.rollout import rollout
 from bebop_jax.decode.stats import DecodeStats
-from bebop_jax.model.hf import export_hf_checkpoint
+from bebop_jax.model.hf import copy_tokenizer_files, export_hf_checkpoint
 from bebop_jax.model.params import head_params, init_mtp_params, merge_params, trunk_params
 from bebop_jax.model.params_io import CONFIG_FILE, load_policy, save_policy
 from bebop_jax.model.source import find_policy
@@ -174,9 +174,10 @@ def held_out_batches(rollouts: dict, *, seq_len: int, batch_size: int, seed: int
 
 
 def train_mtp(args: MTPArgs, loss: str, heads, base_params, model_config, dataset, mesh, run_dir, logger, *,
-              name: str, num_steps: int, export: bool = False):
+              name: str, num_steps: int, export_from: str | None = None):
     """MTP heads ``heads`` trained ``num_steps`` steps with ``loss`` on the frozen base; saved to RUN_DIR/name
-    (and, with ``export``, as Hugging Face safetensors with the mtp.* heads in RUN_DIR/name/hf)."""
+    (and, with ``export_from``, the Hugging Face base directory, as safetensors with the mtp.* heads
+    plus that base's tokenizer in RUN_DIR/name/hf: a directory ``--policy_dir`` takes as it is)."""
     trunk = trunk_params(base_params)
     # The train step donates its state, frozen trunk included: give it copies so the
     # base and the starting heads stay usable for the next loss.
@@ -195,8 +196,9 @@ def train_mtp(args: MTPArgs, loss: str, heads, base_params, model_config, datase
                           logger=logger, config=cfg, log_every=args.train.log_every, desc=name, tb_prefix=name)
     params = result.state.all_params
     save_policy(run_dir / name / "policy", model_config, params, mtp_heads_trained=True)
-    if export:
+    if export_from is not None:
         export_hf_checkpoint(model_config, params, run_dir / name / "hf", overwrite=True)
+        copy_tokenizer_files(export_from, run_dir / name / "hf")
     return params
 
 
@@ -272,7 +274,8 @@ def pretrain_mtp(args: MTPArgs) -> dict:
                     "teacher_forced": teacher_forced_by_temperature(params)}
         for loss in args.losses:
             params = train_mtp(args, loss, heads, base_params, model_config, dataset, mesh, run_dir, logger,
-                               name=f"mtp_{loss}", num_steps=args.train.num_steps, export=hf_base)
+                               name=f"mtp_{loss}", num_steps=args.train.num_steps,
+                               export_from=source.path if hf_base else None)
             teacher_forced[loss] = teacher_forced_by_temperature(params)
             entropy = {t: v["entropy"] for t, v in teacher_forced[loss].items()}
             acceptance[loss] = evaluate_spec(args, params, model_config, tokenizer, tasks, eval_examples,
