@@ -161,6 +161,8 @@ def test_jit_and_one_row():
     (lambda h, d, w, t: token_logprobs(h, w, t, chunk_size=0), "chunk_size"),
     (lambda h, d, w, t: token_logprobs(h, w, t, temperature=0.0), "temperature"),
     (lambda h, d, w, t: token_logprobs(h, w, t, impl="cuda"), "impl"),
+    (lambda h, d, w, t: token_logprobs(h, w, t, interpret="grid"), "interpret must be None"),
+    (lambda h, d, w, t: draft_agreement(h, d, w, t, impl="pallas", interpret="tiles"), "interpret must be None"),
     (lambda h, d, w, t: draft_agreement(h, d[:-1], w, t), "draft_hidden has 6 rows"),
     (lambda h, d, w, t: draft_agreement(h, d, w, t.at[0].set(-1)), "labels must lie in"),
     (lambda h, d, w, t: draft_agreement(h, d, w[:, :, None], t), "lm_head must be"),
@@ -170,8 +172,8 @@ def test_bad_input_one_clear_error(call, match):
         call(*_inputs(6))
 
 
-@pytest.mark.parametrize("chunk_size", [None, 5])
-def test_vocabulary_sharded_equals_one_device(chunk_size):
+@pytest.mark.parametrize("chunk_size,impl", [(None, "xla"), (5, "xla"), (8, "pallas")])
+def test_vocabulary_sharded_equals_one_device(chunk_size, impl):
     """LM head split along V over the model axis of 8 fake devices (2 x 4): same values and gradients."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -184,7 +186,7 @@ def test_vocabulary_sharded_equals_one_device(chunk_size):
     target, draft = jax.random.normal(k[0], (N, H)), jax.random.normal(k[1], (N, H))
     head, ids = jax.random.normal(k[2], (H, v)) / np.sqrt(H), jax.random.randint(k[3], (N,), 0, v)
     placed = jax.device_put(head, NamedSharding(mesh, P(None, "model")))
-    kw = dict(chunk_size=chunk_size, temperature=0.8)
+    kw = dict(chunk_size=chunk_size, temperature=0.8, impl=impl)
     one = token_logprobs(target, head, ids, **kw)
     many = jax.jit(lambda h, w, t: token_logprobs(h, w, t, mesh=mesh, **kw))(target, placed, ids)
     for a, b in zip(many, one):

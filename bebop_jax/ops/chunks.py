@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 DEFAULT_CHUNK = 8192
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "pallas")  # "auto": XLA until an accelerator run shows the kernels win
+INTERPRET = ("grid", "loop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,22 +103,55 @@ def vocab_sum(axis, x):
 VOCAB_AXIS = "model"  # parallel.RULES puts the vocabulary on this mesh axis
 
 
-def on_vocab_shards(core, mesh, num_rows_args: int, num_outputs, vocab_size: int, name: str):
-    """``core(*rows_args, lm_head, *ids, axis)`` run under ``shard_map`` with the LM head split
-    along V over ``mesh``'s model axis (rows replicated), or directly when there is no such split.
-    ``num_outputs``: the structure of ``core``'s output, as a pytree of Nones."""
+def vocab_shards(mesh, vocab_size: int, name: str) -> int:
+    """How many shards ``mesh``'s model axis splits the vocabulary into (1: no mesh or no split)."""
     shards = 1 if mesh is None else mesh.shape.get(VOCAB_AXIS, 1)
-    if shards == 1:
-        return lambda *args: core(*args, None)
     if vocab_size % shards:
         raise ValueError(f"{name}: V={vocab_size} must be divisible by the mesh's {VOCAB_AXIS} axis ({shards})")
-    rows = (P(),) * num_rows_args
-    specs = (*rows, P(None, VOCAB_AXIS), P())
-    out_specs = jax.tree.map(lambda _: P(), num_outputs, is_leaf=lambda x: x is None)
-    return jax.shard_map(lambda *args: core(*args, VOCAB_AXIS), mesh=mesh, in_specs=specs, out_specs=out_specs)
+    return shards
 
 
-def check_inputs(name: str, hiddens: dict, lm_head, ids: dict, *, temperature, chunk_size, impl) -> None:
+def on_vocab_shards(core, mesh, arg_kinds: str, out_kinds, *, kernels: bool = False):
+    """``core(*args, axis)`` run under ``shard_map`` over ``mesh``'s model axis, or directly (axis
+    None) when the vocabulary is not split. ``arg_kinds`` has one letter per argument and
+    ``out_kinds`` (a pytree) one per output: "r" replicated (rows, per-row values), "v" split along
+    its last axis (the LM head and its gradient). The ops call it from inside their custom VJPs,
+    so ``shard_map`` is never differentiated; with ``kernels`` (Pallas, whose operands its
+    varying-axes checks cannot type) the checks are off, the specs being exact by construction."""
+    if mesh is None or mesh.shape.get(VOCAB_AXIS, 1) == 1:
+        return lambda *args: core(*args, None)
+    spec = {"r": P(), "v": P(None, VOCAB_AXIS)}
+    return jax.shard_map(lambda *args: core(*args, VOCAB_AXIS), mesh=mesh,
+                         in_specs=tuple(spec[k] for k in arg_kinds), out_specs=jax.tree.map(spec.get, out_kinds),
+                         check_vma=not kernels)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSettings:
+    """The static settings of one call of a vocabulary-chunked op (hashable: custom_vjp's
+    non-differentiable argument)."""
+
+    temperature: float
+    chunk: int | None
+    kernel: object  # pallas_sweeps.Kernel, or None for the XLA loops
+    mesh: object    # a Mesh splitting the vocabulary over its model axis, or None
+
+    def run(self, core, arg_kinds: str, out_kinds):
+        return on_vocab_shards(core, self.mesh, arg_kinds, out_kinds, kernels=self.kernel is not None)
+
+
+def kernel_for(impl: str, chunk_size: int | None, interpret: str | None):
+    """The Pallas sweep settings of ``impl="pallas"`` (None for XLA): tiles of the default size,
+    or with ``chunk_size`` the largest power of two not above it."""
+    if impl != "pallas":
+        return None
+    from bebop_jax.ops import pallas_sweeps as ps
+    tiles = ps.Tiles() if chunk_size is None else ps.Tiles(chunk=1 << (chunk_size.bit_length() - 1))
+    return ps.Kernel(tiles=tiles, interpret=interpret)
+
+
+def check_inputs(name: str, hiddens: dict, lm_head, ids: dict, *, temperature, chunk_size, impl,
+                 interpret=None) -> None:
     """One ValueError naming the argument for shapes, dtypes, ids out of range and settings."""
     if lm_head.ndim != 2:
         raise ValueError(f"{name}: lm_head must be [H, V], got shape {tuple(lm_head.shape)}")
@@ -143,5 +177,7 @@ def check_inputs(name: str, hiddens: dict, lm_head, ids: dict, *, temperature, c
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"{name}: chunk_size must be an int >= 1 (or None), got {chunk_size!r}")
     if impl not in IMPLS:
-        raise ValueError(f"{name}: impl must be one of {IMPLS} (the Pallas kernels are not built yet), "
-                         f"got {impl!r}")
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if interpret is not None and (impl != "pallas" or interpret not in INTERPRET):
+        raise ValueError(f"{name}: interpret must be None or one of {INTERPRET} with impl='pallas', "
+                         f"got {interpret!r} with impl={impl!r}")

@@ -15,7 +15,8 @@ both normalisers known. Backward (gradient to ``draft_hidden``, and with ``head_
 the draft side's use of ``lm_head``; residuals: the inputs, ``lse_p``, ``lse_q`` and ``S``)
 recomputes each chunk:
 ``dL/dz^q_v = g_alpha q_v ([q_v < p_v] - S) + g_kl (q_v - p_v) + g_ce (q_v - onehot_v)``.
-Memory is O(N x chunk); sums in float32.
+Memory is O(N x chunk); sums in float32. ``impl="pallas"`` runs both passes and the backward as
+Pallas sweeps (``ops.pallas_sweeps``) with the same per-chunk formulas.
 """
 
 from __future__ import annotations
@@ -25,11 +26,31 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bebop_jax.ops.chunks import (check_inputs, chunk_logits, chunking, combine, local_ids, on_vocab_shards,
-                                   online_update, varying, vocab_sum)
+from bebop_jax.ops import pallas_sweeps as ps
+from bebop_jax.ops.chunks import (OpSettings, check_inputs, chunk_logits, chunking, combine, kernel_for, local_ids,
+                                   online_update, varying, vocab_shards, vocab_sum)
+
+F32 = jnp.float32
+BIG = jnp.iinfo(jnp.int32).max
 
 
-def _pass1(th, dh, w, chunks, temperature, axis):
+def _pass1_pallas(th, dh, w, temperature, kernel):
+    def body(blocks, head, cols, fresh, carry):
+        mp, sp, sd, se, mq, sq, top = carry
+        zp, zq = (ps.chunk_z(x, head, fresh, temperature) for x in blocks)
+        mp, sp, sd, se = ps.online(mp, sp, zp, (sd, zp - jnp.where(fresh, zq, 0.0)), (se, zp))
+        cmax = jnp.max(zq, axis=1, keepdims=True)
+        first = jnp.min(jnp.where(zq == cmax, cols, BIG), axis=1, keepdims=True)
+        top = jnp.where(cmax > mq, first, top)
+        mq, sq = ps.online(mq, sq, zq)
+        return [mp, sp, sd, se, mq, sq, top]
+
+    inits = [(1, F32, -jnp.inf), (1, F32, 0.0), (1, F32, 0.0), (1, F32, 0.0), (1, F32, -jnp.inf), (1, F32, 0.0),
+             (1, jnp.int32, 0)]
+    return tuple(x[:, 0] for x in kernel.rows(body, [th, dh], w, inits))
+
+
+def _pass1(th, dh, w, chunks, temperature, axis, kernel):
     """Per row: lse_p, lse_q, E_p[z^p - z^q], E_p[z^p], and the argmax of z^q (a global column id)."""
     n = th.shape[0]
     ninf, zero = jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32)
@@ -45,7 +66,10 @@ def _pass1(th, dh, w, chunks, temperature, axis):
         return mp, sp, sd, se, mq, sq, top
 
     init = (ninf, zero, zero, zero, ninf, zero, jnp.zeros((n,), jnp.int32))
-    mp, sp, sd, se, mq, sq, top = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
+    if kernel is not None:
+        mp, sp, sd, se, mq, sq, top = _pass1_pallas(th, dh, w, temperature, kernel)
+    else:
+        mp, sp, sd, se, mq, sq, top = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
     if axis is not None:  # the first maximal column over all shards
         top = top + jax.lax.axis_index(axis) * w.shape[1]
         top = jax.lax.pmin(jnp.where(mq == jax.lax.pmax(mq, axis), top, jnp.iinfo(jnp.int32).max), axis)
@@ -60,8 +84,16 @@ def _probs(th, dh, head, fresh, lse_p, lse_q, temperature):
     return p, q
 
 
-def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q, axis):
+def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q, axis, kernel):
     n = th.shape[0]
+    if kernel is not None:
+        def kbody(blocks, head, cols, fresh, carry):
+            p, q = _kernel_probs(blocks, head, fresh, temperature)
+            return [carry[0] + jnp.sum(jnp.minimum(p, q), axis=1, keepdims=True),
+                    carry[1] + jnp.sum(jnp.where(q < p, q, 0.0), axis=1, keepdims=True)]
+
+        rows = [th, dh, lse_p[:, None], lse_q[:, None]]
+        return tuple(vocab_sum(axis, x[:, 0]) for x in kernel.rows(kbody, rows, w, [(1, F32, 0.0)] * 2))
 
     def body(i, carry):
         alpha, s = carry
@@ -73,6 +105,18 @@ def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q, axis):
     return tuple(vocab_sum(axis, x) for x in jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, (zero, zero))))
 
 
+def _kernel_probs(blocks, head, fresh, temperature):
+    """(p, q) [bn, C] of a kernel's row blocks (target, draft, lse_p, lse_q, ...)."""
+    th, dh, lse_p, lse_q = blocks[:4]
+    return (jnp.exp(ps.chunk_z(th, head, fresh, temperature) - lse_p),
+            jnp.exp(ps.chunk_z(dh, head, fresh, temperature) - lse_q))
+
+
+def _dz(p, q, s, g_a, g_kl, g_ce):
+    """dL/dz^q of a chunk but for the one-hot term of ce (all [rows, 1] but p, q)."""
+    return g_a * q * (jnp.where(q < p, 1.0, 0.0) - s) + g_kl * (q - p) + g_ce * q
+
+
 def _logit_at(hidden, w, ids, temperature, axis):
     """[N] (hidden @ lm_head / T) at one global column id per row."""
     local, held = local_ids(axis, ids, w.shape[1])
@@ -80,48 +124,71 @@ def _logit_at(hidden, w, ids, temperature, axis):
     return vocab_sum(axis, jnp.where(held, z, 0.0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _agreement(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis, head_grad):
-    out, _ = _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis, head_grad)
-    return out
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _agreement(target_hidden, draft_hidden, lm_head, labels, st: OpSettings, head_grad: bool):
+    return _fwd(target_hidden, draft_hidden, lm_head, labels, st, head_grad)[0]
 
 
-def _fwd(target_hidden, draft_hidden, lm_head, labels, temperature, chunk, axis, head_grad):
-    chunks = chunking(lm_head.shape[1], chunk)
-    lse_p, lse_q, mean_gap, mean_zp, top = _pass1(target_hidden, draft_hidden, lm_head, chunks, temperature, axis)
-    alpha, s = _pass2(target_hidden, draft_hidden, lm_head, chunks, temperature, lse_p, lse_q, axis)
-    out = {"alpha": alpha, "kl": mean_gap - lse_p + lse_q,
-           "ce": lse_q - _logit_at(draft_hidden, lm_head, labels, temperature, axis),
-           "greedy_alpha": jnp.exp(_logit_at(target_hidden, lm_head, top, temperature, axis) - lse_p),
-           "target_entropy": lse_p - mean_zp,
-           "accuracy": (top == labels).astype(jnp.float32)}
-    return out, (target_hidden, draft_hidden, lm_head, labels, lse_p, lse_q, s)
+def _fwd(target_hidden, draft_hidden, lm_head, labels, st: OpSettings, head_grad: bool):
+    def core(target_hidden, draft_hidden, lm_head, labels, axis):
+        temperature = st.temperature
+        chunks = chunking(lm_head.shape[1], st.chunk)
+        lse_p, lse_q, mean_gap, mean_zp, top = _pass1(target_hidden, draft_hidden, lm_head, chunks, temperature,
+                                                      axis, st.kernel)
+        alpha, s = _pass2(target_hidden, draft_hidden, lm_head, chunks, temperature, lse_p, lse_q, axis, st.kernel)
+        out = {"alpha": alpha, "kl": mean_gap - lse_p + lse_q,
+               "ce": lse_q - _logit_at(draft_hidden, lm_head, labels, temperature, axis),
+               "greedy_alpha": jnp.exp(_logit_at(target_hidden, lm_head, top, temperature, axis) - lse_p),
+               "target_entropy": lse_p - mean_zp,
+               "accuracy": (top == labels).astype(jnp.float32)}
+        return out, (lse_p, lse_q, s)
+
+    out, stats = st.run(core, "rrvr", (dict.fromkeys(OUTPUTS, "r"), ("r",) * 3))(
+        target_hidden, draft_hidden, lm_head, labels)
+    return out, (target_hidden, draft_hidden, lm_head, labels, *stats)
 
 
-def _bwd(temperature, chunk, axis, head_grad, res, grads):
-    th, dh, w, labels, lse_p, lse_q, s = res
+def _bwd(st: OpSettings, head_grad: bool, res, grads):
     g_a, g_kl, g_ce = (grads[k].astype(jnp.float32) for k in ("alpha", "kl", "ce"))
-    chunks = chunking(w.shape[1], chunk)
+    d_dh, d_w = st.run(functools.partial(_bwd_core, st, head_grad), "rrvrrrrrrr", ("r", "v"))(*res, g_a, g_kl, g_ce)
+    return jnp.zeros_like(res[0]), d_dh, d_w, None
+
+
+def _bwd_core(st: OpSettings, head_grad: bool, th, dh, w, labels, lse_p, lse_q, s, g_a, g_kl, g_ce, axis):
+    temperature, kernel = st.temperature, st.kernel
+    chunks = chunking(w.shape[1], st.chunk)
     dh32 = dh.astype(jnp.float32)
 
-    def body(i, carry):
-        d_dh, d_w = carry
-        head = chunks.head(w, i)
-        fresh = chunks.fresh(i)
-        p, q = _probs(th, dh, head, fresh, lse_p, lse_q, temperature)
-        dz = (g_a[:, None] * q * (jnp.where(q < p, 1.0, 0.0) - s[:, None])
-              + g_kl[:, None] * (q - p) + g_ce[:, None] * q)
-        if head_grad:
-            d_w = chunks.add_to(d_w, jnp.dot(dh32.T, dz) / temperature, i)
-        return d_dh + jnp.dot(dz, head.T.astype(jnp.float32)) / temperature, d_w
+    if kernel is not None:
+        rows = [th, dh] + [x[:, None] for x in (lse_p, lse_q, s, g_a, g_kl, g_ce)]
 
-    init = (jnp.zeros(dh.shape, jnp.float32), jnp.zeros(w.shape if head_grad else (0,), jnp.float32))
-    d_dh, d_w = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
+        def dz_of(blocks, head, fresh):
+            return _dz(*_kernel_probs(blocks, head, fresh, temperature), *blocks[4:])
+
+        def dh_body(blocks, head, cols, fresh, carry):
+            return [carry[0] + ps.rows_times_head_t(dz_of(blocks, head, fresh), head) / temperature]
+
+        (d_dh,) = kernel.rows(dh_body, rows, w, [(dh.shape[1], F32, 0.0)])
+        d_w = kernel.cols(lambda blocks, head, cols, fresh: ps.hidden_t_times(blocks[1], dz_of(blocks, head, fresh))
+                          / temperature, rows, w) if head_grad else None
+    else:
+        def body(i, carry):
+            d_dh, d_w = carry
+            head = chunks.head(w, i)
+            fresh = chunks.fresh(i)
+            p, q = _probs(th, dh, head, fresh, lse_p, lse_q, temperature)
+            dz = _dz(p, q, s[:, None], g_a[:, None], g_kl[:, None], g_ce[:, None])
+            if head_grad:
+                d_w = chunks.add_to(d_w, jnp.dot(dh32.T, dz) / temperature, i)
+            return d_dh + jnp.dot(dz, head.T.astype(jnp.float32)) / temperature, d_w
+
+        init = (jnp.zeros(dh.shape, jnp.float32), jnp.zeros(w.shape if head_grad else (0,), jnp.float32))
+        d_dh, d_w = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
     local, held = local_ids(axis, labels, w.shape[1])
     g_held = jnp.where(held, g_ce, 0.0)
     d_dh = vocab_sum(axis, d_dh - g_held[:, None] * jnp.take(w, local, axis=1).astype(jnp.float32).T / temperature)
     d_w = d_w.at[:, local].add(-dh32.T * g_held[None, :] / temperature).astype(w.dtype) if head_grad else jnp.zeros_like(w)
-    return jnp.zeros_like(th), d_dh.astype(dh.dtype), d_w, None
+    return d_dh.astype(dh.dtype), d_w
 
 
 _agreement.defvjp(_fwd, _bwd)
@@ -131,23 +198,25 @@ OUTPUTS = ("alpha", "kl", "ce", "greedy_alpha", "target_entropy", "accuracy")
 
 
 def draft_agreement(target_hidden, draft_hidden, lm_head, labels, *, temperature: float = 1.0,
-                    chunk_size: int | None = None, impl: str = "auto", mesh=None, head_grad: bool = False) -> dict:
+                    chunk_size: int | None = None, impl: str = "auto", mesh=None, head_grad: bool = False,
+                    interpret: str | None = None) -> dict:
     """``{"alpha", "kl", "ce"}``, each float32 [N]: ``sum_v min(p, q)``, ``KL(p || q)`` and
     ``-log q(label)`` for ``p = softmax(target_hidden @ lm_head / T)`` and ``q = softmax(draft_hidden
     @ lm_head / T)``, over vocabulary chunks (never [N, V] logits); plus the metrics
     ``greedy_alpha``, ``target_entropy`` and ``accuracy`` (no gradient). The target side is read
     through stop_gradient, and so is ``lm_head`` unless ``head_grad`` (joint training, where the
     draft's gradient also trains the shared LM head): gradients reach ``draft_hidden`` (and
-    the head). With ``mesh``, the LM head is split along V over its model axis (see
-    ``token_logprobs``)."""
+    the head). With ``mesh``, the LM head is split along V over its model axis; ``impl`` and
+    ``interpret`` as in ``token_logprobs``."""
     target_hidden, draft_hidden = jnp.asarray(target_hidden), jnp.asarray(draft_hidden)
     lm_head, labels = jnp.asarray(lm_head), jnp.asarray(labels)
     check_inputs("draft_agreement", {"target_hidden": target_hidden, "draft_hidden": draft_hidden}, lm_head,
-                 {"labels": labels}, temperature=temperature, chunk_size=chunk_size, impl=impl)
-    core = lambda th, dh, w, t, axis: _agreement(th, dh, w, t, float(temperature), chunk_size, axis, bool(head_grad))
-    run = on_vocab_shards(core, mesh, 2, dict.fromkeys(OUTPUTS), lm_head.shape[1], "draft_agreement")
-    out = run(jax.lax.stop_gradient(target_hidden), draft_hidden,
-              lm_head if head_grad else jax.lax.stop_gradient(lm_head), labels.astype(jnp.int32))
+                 {"labels": labels}, temperature=temperature, chunk_size=chunk_size, impl=impl, interpret=interpret)
+    vocab_shards(mesh, lm_head.shape[1], "draft_agreement")
+    st = OpSettings(float(temperature), chunk_size, kernel_for(impl, chunk_size, interpret), mesh)
+    out = _agreement(jax.lax.stop_gradient(target_hidden), draft_hidden,
+                     lm_head if head_grad else jax.lax.stop_gradient(lm_head), labels.astype(jnp.int32), st,
+                     bool(head_grad))
     return {k: v if k in ("alpha", "kl", "ce") else jax.lax.stop_gradient(v) for k, v in out.items()}
 
 
