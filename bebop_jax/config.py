@@ -16,7 +16,7 @@ from bebop_jax.aggregations import AGGREGATIONS
 from bebop_jax.sampling import SamplingConfig  # noqa: F401  (re-exported: one home per config)
 
 DTYPES = ("float32", "bfloat16")
-VOCAB_IMPLS = ("auto", "dense", "chunked")
+VOCAB_IMPLS = ("auto", "dense", "chunked", "pallas")
 CHUNKED_VOCAB_FROM = 32_768  # vocab_impl="auto" reduces over vocabulary chunks from this size on
 
 
@@ -57,11 +57,12 @@ class ModelConfig:
     dtype: str = "float32"        # activations / matmul inputs
     param_dtype: str = "float32"  # stored parameters
     # How losses, log-probs and entropies reduce over the vocabulary: "dense" builds [.., V]
-    # float32 logits, "chunked" walks ``vocab_chunk`` columns of the LM head at a time
-    # (bebop_jax.ops; never [.., V]), "auto" is chunked from CHUNKED_VOCAB_FROM entries on.
-    # Results agree either way; neither changes a parameter.
+    # float32 logits, "chunked" walks ``vocab_chunk`` columns of the LM head at a time in XLA
+    # loops (bebop_jax.ops; never [.., V]), "pallas" does the same in Pallas kernels (a power-of-
+    # two chunk; interpreted on CPU: for accelerators), "auto" is chunked from
+    # CHUNKED_VOCAB_FROM entries on. Results agree either way; none changes a parameter.
     vocab_impl: str = "auto"
-    vocab_chunk: int = 8192
+    vocab_chunk: int = 2048
 
     def __post_init__(self):
         cls = "ModelConfig"
@@ -92,7 +93,12 @@ class ModelConfig:
         """Whether losses and log-probs reduce over vocabulary chunks (``vocab_impl``)."""
         if self.vocab_impl == "auto":
             return self.vocab_size >= CHUNKED_VOCAB_FROM
-        return self.vocab_impl == "chunked"
+        return self.vocab_impl in ("chunked", "pallas")
+
+    @property
+    def vocab_ops_impl(self) -> str:
+        """The ``impl`` of the bebop_jax.ops calls on the chunked path."""
+        return "pallas" if self.vocab_impl == "pallas" else "xla"
 
     @property
     def mtp_mlp_size(self) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from bebop_jax.ops import draft_agreement, draft_agreement_reference, token_logprobs, token_logprobs_reference
 from bebop_jax.ops.pallas_sweeps import Tiles
-from test_ops import H, N, V, _close, _da_scalar, _inputs, _tl_scalar
+from test_ops import _close, _da_scalar, _inputs, _tl_scalar
 
 STRUCTURES = ["grid", "loop"]
 

@@ -112,6 +112,16 @@ def test_teacher_forced_acceptance_dense_equals_chunked():
     _assert_same(got["dense"], got["chunked"])
 
 
+def test_pallas_vocab_impl_equals_dense_in_the_interpreter():
+    """vocab_impl="pallas" runs the ops' kernels (interpreted on CPU): the e2e-TV step agrees with dense."""
+    batch, params = _batch(), _params(True, 1)
+    mtp = MTPConfig(loss="e2e_tv", mode="mtp_only", temperature=0.8)
+    out = {impl: _one_step(mtp_loss(_cfg(impl), mtp), params, lambda p: split_params(p, "mtp_only"), batch)
+           for impl in ("dense", "pallas")}
+    _assert_same(out["dense"][1], out["pallas"][1])
+    _assert_same(out["dense"][0], out["pallas"][0])
+
+
 def test_chunked_is_the_default_for_large_vocabularies_only():
     assert not dataclasses.replace(_cfg("auto"), vocab_size=32_767).chunked_vocab
     assert dataclasses.replace(_cfg("auto"), vocab_size=151_936).chunked_vocab

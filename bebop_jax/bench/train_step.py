@@ -47,7 +47,7 @@ SIZES = {
 }
 MiB = 2.0 ** 20
 STEPS = (*LOSS_NAMES, "grpo")  # the MTP step of each loss, and the GRPO policy step
-IMPLS = ("dense", "chunked")
+IMPLS = ("dense", "chunked", "pallas")  # pallas: interpreted on CPU, for accelerators
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +55,10 @@ class BenchTrainStepArgs:
     run_dir: str = "runs/bench_train_step"
     sizes: tuple[str, ...] = ("mini", "small")
     losses: tuple[str, ...] = STEPS  # MTP losses and/or "grpo"
-    impls: tuple[str, ...] = IMPLS   # how the steps reduce over the vocabulary
-    vocab_chunk: int = 8192          # columns per chunk of the chunked impl
+    impls: tuple[str, ...] = ("dense", "chunked")  # how the steps reduce over the vocabulary (IMPLS)
+    vocab_chunk: int = 2048          # columns per chunk of the chunked impl
     fit_gib: float = 0.0             # > 0: also extrapolate the longest sequence that fits this many GiB
-    timed_steps: int = 5     # timed steps per (size, loss), after the warm-up step
+    timed_steps: int = 5     # timed steps per setup, after the warm-up step (0: compile only, memory rows)
     batch_size: int = 8
     seq_len: int = 128
     vocab_size: int = 0      # 0: the size's own vocabulary
@@ -75,7 +75,9 @@ class BenchTrainStepArgs:
             raise ValueError(f"impls must be names from {IMPLS}, got {self.impls!r}")
         if self.fit_gib < 0:
             raise ValueError(f"fit_gib must be >= 0, got {self.fit_gib}")
-        for name in ("timed_steps", "batch_size", "compile_threads", "vocab_chunk"):
+        if self.timed_steps < 0:
+            raise ValueError(f"timed_steps must be >= 0, got {self.timed_steps}")
+        for name in ("batch_size", "compile_threads", "vocab_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -99,9 +101,15 @@ def _timed(step, state, batch):
     return state, metrics, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def rows_of(args: BenchTrainStepArgs, loss: str) -> int:
+    """Batch rows of a setup: batch_size, but at least one group of 2 for GRPO (a group compares
+    samples of one prompt)."""
+    return max(args.batch_size, 2) if loss == "grpo" else args.batch_size
+
+
 def _batch(args: BenchTrainStepArgs, cfg: ModelConfig, loss: str, seq_len: int, key):
     k_tokens, k_adv = jax.random.split(key)
-    shape = (args.batch_size, seq_len)
+    shape = (rows_of(args, loss), seq_len)
     tokens = jax.random.randint(k_tokens, shape, 0, cfg.vocab_size, dtype=jnp.int32)
     mask = jnp.ones(shape, jnp.float32)
     if loss != "grpo":
@@ -117,7 +125,7 @@ def _step(args: BenchTrainStepArgs, cfg: ModelConfig, loss: str, host_params, op
     if loss == "grpo":
         state = train_state_for({k: v for k, v in params.items() if k not in head_params(params)},
                                 head_params(params), optimizer, mesh)
-        grpo = GRPOConfig(group_size=args.batch_size, kl_coef=0.01)
+        grpo = GRPOConfig(group_size=rows_of(args, loss), kl_coef=0.01)
         template = _batch(args, cfg, loss, 2, jax.random.key(0))
         return state, make_step(grpo_loss(cfg, grpo, 1.0), optimizer, state, mesh,
                                 batch_shardings=template.shardings(mesh)).jitted
@@ -165,6 +173,8 @@ def bench_size(args: BenchTrainStepArgs, size: str, mesh) -> list[dict]:
             del r["lowered"]
             print(f"[{size}] compiled {'/'.join(setup)} in {seconds:.1f} s", file=sys.stderr, flush=True)
     for setup, r in runs.items():
+        if not args.timed_steps:
+            break
         r["state"], metrics, _, _ = _timed(r["step"], r["state"], r["batch"])  # warm-up
         if not np.isfinite(float(metrics["loss"])):
             raise RuntimeError(f"{size}/{'/'.join(setup)}: non-finite loss at the warm-up step")
@@ -174,16 +184,18 @@ def bench_size(args: BenchTrainStepArgs, size: str, mesh) -> list[dict]:
             r["state"], _, wall, cpu = _timed(r["step"], r["state"], r["batch"])
             r["times"].append((wall, cpu))
 
-    tokens = args.batch_size * args.seq_len
     rows = []
     for (impl, loss), r in runs.items():
-        wall = float(np.median([t[0] for t in r["times"]]))
-        cpu = float(np.median([t[1] for t in r["times"]]))
+        tokens = rows_of(args, loss) * args.seq_len
+        timed = bool(r["times"])
+        wall = float(np.median([t[0] for t in r["times"]])) if timed else None
+        cpu = float(np.median([t[1] for t in r["times"]])) if timed else None
         mem = r["mem"]
         row = {
-            "size": size, "impl": impl, "loss": loss,
+            "size": size, "impl": impl, "loss": loss, "batch_rows": rows_of(args, loss),
             "params_M": num_params / 1e6, "mtp_params_M": num_mtp / 1e6,
-            "tokens_per_s": tokens / wall, "step_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu,
+            "tokens_per_s": tokens / wall if timed else None, "step_ms": 1e3 * wall if timed else None,
+            "cpu_ms": 1e3 * cpu if timed else None,
             "compile_s": r["compile_s"],
             "peak_MiB": r["peaks"][0] / MiB,
             "temp_MiB": mem.temp_size_in_bytes / MiB,
@@ -196,14 +208,17 @@ def bench_size(args: BenchTrainStepArgs, size: str, mesh) -> list[dict]:
         rows.append(row)
     for row in rows:
         ce = next((o for o in rows if o["impl"] == row["impl"] and o["loss"] == "ce"), None)
+        timed = row["tokens_per_s"] is not None
         if ce is not None and row["loss"] != "grpo":
-            row["speed_vs_ce"] = row["tokens_per_s"] / ce["tokens_per_s"]
-            row["cpu_vs_ce"] = ce["cpu_ms"] / row["cpu_ms"]
+            if timed:
+                row["speed_vs_ce"] = row["tokens_per_s"] / ce["tokens_per_s"]
+                row["cpu_vs_ce"] = ce["cpu_ms"] / row["cpu_ms"]
             row["peak_vs_ce"] = row["peak_MiB"] / ce["peak_MiB"]
         dense = next((o for o in rows if o["impl"] == "dense" and o["loss"] == row["loss"]), None)
         if dense is not None:
-            row["speed_vs_dense"] = row["tokens_per_s"] / dense["tokens_per_s"]
-            row["cpu_vs_dense"] = dense["cpu_ms"] / row["cpu_ms"]
+            if timed:
+                row["speed_vs_dense"] = row["tokens_per_s"] / dense["tokens_per_s"]
+                row["cpu_vs_dense"] = dense["cpu_ms"] / row["cpu_ms"]
             row["peak_vs_dense"] = row["peak_MiB"] / dense["peak_MiB"]
     return rows
 
@@ -222,7 +237,7 @@ def bench_train_step(args: BenchTrainStepArgs) -> dict:
     rows = []
     for size in args.sizes:
         rows += bench_size(args, size, mesh)
-    columns = ["size", "impl", "loss", "params_M", "tokens_per_s", "speed_vs_dense", "cpu_vs_dense", "speed_vs_ce",
+    columns = ["size", "impl", "loss", "batch_rows", "params_M", "tokens_per_s", "speed_vs_dense", "cpu_vs_dense", "speed_vs_ce",
                "step_ms", "compile_s", "peak_MiB", "peak_vs_dense", "peak_vs_ce"]
     if args.fit_gib:
         columns.append("max_seq_len_fit")

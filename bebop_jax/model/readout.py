@@ -3,7 +3,8 @@
 ``ModelConfig.vocab_impl`` chooses: dense builds float32 [.., V] logits and reduces them (the
 reference, and the default for the byte-level small-scale models); chunked calls
 ``bebop_jax.ops`` and never holds more than [N, vocab_chunk] of them (the default from
-``config.CHUNKED_VOCAB_FROM`` entries on). Both give the same values and gradients.
+``config.CHUNKED_VOCAB_FROM`` entries on); "pallas" runs the ops' Pallas kernels. All give the
+same values and gradients.
 
 Indexing (docs/DESIGN.md, "MTP indexing and masks"): the trunk at t predicts x_{t+1}; MTP
 depth k at t drafts x_{t+k+1} against the trunk's distribution at t+k.
@@ -42,7 +43,8 @@ def next_token_stats(model_config: ModelConfig, normed_BxTxH: Array, head_HxV: A
         return jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32)
     if model_config.chunked_vocab:
         logp, ent = token_logprobs(normed_BxTxH[:, :-1].reshape(-1, h), head_HxV, tokens_BxT[:, 1:].reshape(-1),
-                                   temperature=temperature, chunk_size=model_config.vocab_chunk)
+                                   temperature=temperature, chunk_size=model_config.vocab_chunk,
+                                   impl=model_config.vocab_ops_impl)
         logp, ent = logp.reshape(b, t - 1), ent.reshape(b, t - 1)
     else:
         logp_all = jax.nn.log_softmax(logits(normed_BxTxH[:, :-1], head_HxV) / jnp.float32(temperature), axis=-1)
@@ -70,5 +72,6 @@ def depth_agreement(model_config: ModelConfig, normed_BxTxH: Array, mtp_normed_B
     target = jnp.stack([shift(normed_BxTxH, d) for d in range(1, k + 1)], axis=2)
     labels = jnp.stack([shift(tokens_BxT, d + 1) for d in range(1, k + 1)], axis=2)
     out = draft_agreement(target.reshape(-1, h), mtp_normed_BxTxKxH.reshape(-1, h), head_HxV, labels.reshape(-1),
-                          temperature=temperature, chunk_size=model_config.vocab_chunk, head_grad=head_grad)
+                          temperature=temperature, chunk_size=model_config.vocab_chunk, head_grad=head_grad,
+                          impl=model_config.vocab_ops_impl)
     return {name: v.reshape(b, t, k) for name, v in out.items()}

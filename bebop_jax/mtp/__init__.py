@@ -3,6 +3,6 @@ teacher-forced (``evaluate``), and pre-RL training by self-distillation (``pretr
 the library side of ``experiments/pretrain_mtp.py``; import it from its module)."""
 
 from bebop_jax.mtp.evaluate import teacher_forced_acceptance
-from bebop_jax.mtp.objective import mtp_head_loss, mtp_loss, mtp_targets
+from bebop_jax.mtp.objective import mtp_features_loss, mtp_head_loss, mtp_loss, mtp_targets
 
-__all__ = ["mtp_head_loss", "mtp_loss", "mtp_targets", "teacher_forced_acceptance"]
+__all__ = ["mtp_features_loss", "mtp_head_loss", "mtp_loss", "mtp_targets", "teacher_forced_acceptance"]

@@ -24,7 +24,6 @@ Both structures run in interpret mode on CPU, which is how the tests check them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Sequence
 
 import jax
