@@ -63,6 +63,22 @@ def test_kernels_take_bfloat16_and_rows_that_fill_no_block(interpret):
         _close(out[key], want[key], 1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("interpret", STRUCTURES)
+def test_kernels_keep_extreme_logits_finite(interpret):
+    """Logits in the hundreds: every sum relative to the running max, inside the kernels too."""
+    hidden, draft, head, ids = _inputs(14, scale=400.0)
+    kw = dict(chunk_size=16, impl="pallas", interpret=interpret)
+    for got, want in zip(token_logprobs(hidden, head, ids, **kw), token_logprobs_reference(hidden, head, ids)):
+        assert np.all(np.isfinite(np.asarray(got)))
+        _close(got, want, 1e-5, atol=1e-3)
+    out, ref = draft_agreement(hidden, draft, head, ids, **kw), draft_agreement_reference(hidden, draft, head, ids)
+    for key in ref:
+        assert np.all(np.isfinite(np.asarray(out[key])))
+        _close(out[key], ref[key], 1e-5, atol=1e-3)
+    grads = jax.grad(_da_scalar(draft_agreement, **kw), argnums=1)(hidden, draft, head, ids)
+    assert np.all(np.isfinite(np.asarray(grads)))
+
+
 def test_tiles_must_be_powers_of_two():
     with pytest.raises(ValueError, match="power of two"):
         Tiles(chunk=100)

@@ -140,16 +140,6 @@ class OpSettings:
         return on_vocab_shards(core, self.mesh, arg_kinds, out_kinds, kernels=self.kernel is not None)
 
 
-def kernel_for(impl: str, chunk_size: int | None, interpret: str | None):
-    """The Pallas sweep settings of ``impl="pallas"`` (None for XLA): tiles of the default size,
-    or with ``chunk_size`` the largest power of two not above it."""
-    if impl != "pallas":
-        return None
-    from bebop_jax.ops import pallas_sweeps as ps
-    tiles = ps.Tiles() if chunk_size is None else ps.Tiles(chunk=1 << (chunk_size.bit_length() - 1))
-    return ps.Kernel(tiles=tiles, interpret=interpret)
-
-
 def check_inputs(name: str, hiddens: dict, lm_head, ids: dict, *, temperature, chunk_size, impl,
                  interpret=None) -> None:
     """One ValueError naming the argument for shapes, dtypes, ids out of range and settings."""

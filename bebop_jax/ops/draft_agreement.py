@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from bebop_jax.ops import pallas_sweeps as ps
-from bebop_jax.ops.chunks import (OpSettings, check_inputs, chunk_logits, chunking, combine, kernel_for, local_ids,
+from bebop_jax.ops.chunks import (OpSettings, check_inputs, chunk_logits, chunking, combine, local_ids,
                                    online_update, varying, vocab_shards, vocab_sum)
 
 F32 = jnp.float32
@@ -213,7 +213,7 @@ def draft_agreement(target_hidden, draft_hidden, lm_head, labels, *, temperature
     check_inputs("draft_agreement", {"target_hidden": target_hidden, "draft_hidden": draft_hidden}, lm_head,
                  {"labels": labels}, temperature=temperature, chunk_size=chunk_size, impl=impl, interpret=interpret)
     vocab_shards(mesh, lm_head.shape[1], "draft_agreement")
-    st = OpSettings(float(temperature), chunk_size, kernel_for(impl, chunk_size, interpret), mesh)
+    st = OpSettings(float(temperature), chunk_size, ps.kernel_for(impl, chunk_size, interpret), mesh)
     out = _agreement(jax.lax.stop_gradient(target_hidden), draft_hidden,
                      lm_head if head_grad else jax.lax.stop_gradient(lm_head), labels.astype(jnp.int32), st,
                      bool(head_grad))

@@ -252,3 +252,12 @@ class Kernel:
     def cols(self, body, rows, head):
         return on_platform(lambda backend: col_sweep(body, rows, head, tiles=self.tiles, backend=backend),
                            self.interpret)
+
+
+def kernel_for(impl: str, chunk_size: int | None, interpret: str | None) -> Kernel | None:
+    """The Pallas sweep settings of ``impl="pallas"`` (None for XLA): tiles of the default size,
+    or with ``chunk_size`` the largest power of two not above it."""
+    if impl != "pallas":
+        return None
+    tiles = Tiles() if chunk_size is None else Tiles(chunk=1 << (chunk_size.bit_length() - 1))
+    return Kernel(tiles=tiles, interpret=interpret)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from bebop_jax.ops import pallas_sweeps as ps
-from bebop_jax.ops.chunks import (OpSettings, check_inputs, chunk_logits, chunking, combine, kernel_for, local_ids,
+from bebop_jax.ops.chunks import (OpSettings, check_inputs, chunk_logits, chunking, combine, local_ids,
                                    online_update, varying, vocab_shards, vocab_sum)
 
 F32 = jnp.float32
@@ -143,13 +143,13 @@ def token_logprobs(hidden, lm_head, tokens, *, temperature: float = 1.0, chunk_s
     device walks its own V / n columns and the per-row maxima and sums are combined across the
     axis (same values and gradients as one device). ``impl``: "xla" (and "auto") loops in XLA,
     "pallas" runs the Pallas kernels (``chunk_size`` then rounds down to a power of two; see
-    ``ops.chunks.kernel_for``; ``interpret`` "grid" | "loop" runs a kernel structure in the
+    ``ops.pallas_sweeps.kernel_for``; ``interpret`` "grid" | "loop" runs a kernel structure in the
     Pallas interpreter, as the tests do on CPU)."""
     hidden, lm_head, tokens = jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(tokens)
     check_inputs("token_logprobs", {"hidden": hidden}, lm_head, {"tokens": tokens},
                  temperature=temperature, chunk_size=chunk_size, impl=impl, interpret=interpret)
     vocab_shards(mesh, lm_head.shape[1], "token_logprobs")
-    st = OpSettings(float(temperature), chunk_size, kernel_for(impl, chunk_size, interpret), mesh)
+    st = OpSettings(float(temperature), chunk_size, ps.kernel_for(impl, chunk_size, interpret), mesh)
     return _token_logprobs(hidden, lm_head, tokens.astype(jnp.int32), st)
 
 
