@@ -259,7 +259,8 @@ def jitted_policy(cfg: ModelConfig):
 @functools.lru_cache(maxsize=None)
 def jitted_prefill(cfg: ModelConfig, k: int, sampling_cfg: SamplingConfig):
     def prefill(params, state, tokens_BxT, lens_B, key):
-        return dec._prefill(dec._Model(params, cfg), state, tokens_BxT, lens_B, key, sampling_cfg, k)
+        return dec._prefill(dec._Model(params, cfg), state, tokens_BxT, lens_B,
+                            dec.row_keys(key, tokens_BxT.shape[0]), sampling_cfg, k)
     return jax.jit(prefill)
 
 
@@ -268,7 +269,8 @@ def jitted_draft_verify(cfg: ModelConfig, k: int, sampling_cfg: SamplingConfig, 
     """From a state: the K drafts, their logits (MTP caches + hidden window) and the verify logits."""
     def draft_verify(params, state, key):
         model = dec._Model(params, cfg)
-        drafts, draft_logits, _ = dec._draft(model, state, key, k, sampling_cfg, method)
+        drafts, draft_logits, _ = dec._draft(model, state, dec.row_keys(key, state.seq.shape[0]), k, sampling_cfg,
+                                             method)
         pending = dec._gather_rows(state.seq, state.length[:, None])  # [B, 1]
         verify = jnp.concatenate([pending, drafts], axis=1)            # [B, K+1]
         hidden, target_logits, _ = model.trunk(verify, dec._positions(state.length, k + 1), state.trunk_cache)
@@ -516,7 +518,8 @@ def test_prefill_computes_logits_only_where_it_samples():
     state = dec.init_state(cfg, b, 32, cfg.num_mtp_depths)
 
     def prefill(params, tokens, lens):
-        return dec._prefill(dec._Model(params, cfg), state, tokens, lens, jax.random.key(0), SamplingConfig(),
+        return dec._prefill(dec._Model(params, cfg), state, tokens, lens, dec.row_keys(jax.random.key(0), b),
+                            SamplingConfig(),
                             cfg.num_mtp_depths)
 
     jaxpr = jax.make_jaxpr(prefill)(params, jnp.zeros((b, t), jnp.int32), jnp.full((b,), t, jnp.int32))
@@ -532,3 +535,23 @@ def test_prefill_computes_logits_only_where_it_samples():
     per_row = {s for s in shapes if len(s) >= 2 and s[0] == b and s[-1] == cfg.vocab_size}  # not [H, V] weights
     assert (b, 1, cfg.vocab_size) in per_row  # the test sees the head's output
     assert all(np.prod(s[1:-1]) == 1 for s in per_row), sorted(per_row)
+
+
+@pytest.mark.parametrize("spec", [SpecConfig("none"), SpecConfig("rejection", 2)], ids=["vanilla", "rejection"])
+def test_a_rows_output_depends_only_on_its_own_key_and_prompt(spec):
+    """Per-request randomness (one key per row, folded with the position of each token drawn): a
+    row's tokens are identical, and its log-probs equal within 1e-5, whether it runs alone or among
+    the others in shuffled order; the same prompt under different keys gives different samples."""
+    params, n = params_for("greedy"), len(PROMPT_LENS)
+    fn = jax.jit(dec.generate_fn(CFG, max_new_tokens=MAX_NEW, sampling=SamplingConfig(temperature=1.0), spec=spec,
+                                 cache_len=CACHE_LEN))
+    keys = jax.random.split(jax.random.key(5), n)
+    order = np.random.default_rng(1).permutation(n)
+    together = jax.device_get(fn(params, PROMPTS[order], PROMPT_LENS[order], keys[order]))
+    for row, i in enumerate(order):
+        alone = jax.device_get(fn(params, PROMPTS[i:i + 1], PROMPT_LENS[i:i + 1], keys[i:i + 1]))
+        assert together.lengths[row] == alone.lengths[0] == MAX_NEW
+        np.testing.assert_array_equal(together.tokens[row], alone.tokens[0])
+        np.testing.assert_allclose(together.logprobs[row], alone.logprobs[0], atol=1e-5)
+    same_prompt = jax.device_get(fn(params, np.repeat(PROMPTS[:1], n, 0), np.repeat(PROMPT_LENS[:1], n), keys))
+    assert len({tuple(t) for t in same_prompt.tokens}) > 1

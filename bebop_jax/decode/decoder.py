@@ -47,7 +47,8 @@ import jax.numpy as jnp
 
 from bebop_jax import sampling
 from bebop_jax.config import ModelConfig, SpecConfig
-from bebop_jax.decode.rejection import rejection_sample
+from bebop_jax.decode.rejection import rejection_sample_with_noise
+from bebop_jax.decode.rejection_common import draw_randomness
 from bebop_jax.model import Policy, empty_kv_cache
 from bebop_jax.sampling import SamplingConfig
 
@@ -120,6 +121,36 @@ def _scatter_rows(x_BxN: Array, idx_BxT: Array, values_BxT: Array, keep_BxT: Arr
     return x_BxN.at[rows, idx].set(values_BxT.astype(x_BxN.dtype), mode="drop")
 
 
+def row_keys(key: Array, batch: int) -> Array:
+    """One PRNG key per row: ``key`` itself when it already holds ``batch`` keys (a request's own
+    key per row), else ``batch`` keys split from the one ``key``."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.shape == (batch,):
+        return key
+    if key.shape == ():
+        return jax.random.split(key, batch)
+    raise ValueError(f"key: one PRNG key or one per row ({batch}), got keys of shape {key.shape}")
+
+
+def _keys_at(keys_B: Array, index_B: Array) -> Array:
+    """Each row's key for the draws that produce its token at position ``index``: a function of
+    (the row's key, the position) only, never of the batch, the slot or the step count."""
+    return jax.vmap(jax.random.fold_in)(keys_B, index_B)
+
+
+def _split_rows(keys_B: Array, n: int) -> Array:
+    """[B, n]: ``n`` independent keys per row."""
+    return jax.vmap(lambda k: jax.random.split(k, n))(keys_B)
+
+
+def _sample_rows(keys_B: Array, logits_BxV: Array, sampling_cfg: SamplingConfig) -> Array:
+    """One token per row [B] int32, row b drawn with its own key."""
+    draw = lambda k, logits_V: sampling.sample(k, logits_V, sampling_cfg.temperature, sampling_cfg.top_k,
+                                               sampling_cfg.top_p)
+    return jax.vmap(draw)(keys_B, logits_BxV)
+
+
 def token_logprob_entropy(logits_BxTxV: Array, tokens_BxT: Array, sampling_cfg: SamplingConfig):
     """(log p(token) [B,T], entropy [B,T]) of the distribution tokens are sampled from.
 
@@ -174,9 +205,10 @@ def _mtp_fill(model: _Model, state: DecodeState, hidden_new_BxTxH: Array, start_
     return caches
 
 
-def _prefill(model: _Model, state: DecodeState, tokens_BxT: Array, lens_B: Array, key: Array,
+def _prefill(model: _Model, state: DecodeState, tokens_BxT: Array, lens_B: Array, keys_B: Array,
              sampling_cfg: SamplingConfig, num_depths: int):
-    """Feed tokens at positions length.. (per row ``lens`` of them); sample the next pending token.
+    """Feed tokens at positions length.. (per row ``lens`` of them); sample the next pending token
+    (at position length + lens, with that row's key at that position).
 
     Returns (state, the pending token [B, 1] with its log-prob and entropy as an ``_Out``).
     """
@@ -187,9 +219,9 @@ def _prefill(model: _Model, state: DecodeState, tokens_BxT: Array, lens_B: Array
     seq = _scatter_rows(state.seq, positions, tokens_BxT, valid)
     # logits only where the pending token is sampled: [B, V], not [B, T, V]
     last_logits = model.head(_gather_rows(normed, (lens_B - 1)[:, None]))[:, 0]
-    pending = sampling.sample(key, last_logits, sampling_cfg.temperature, sampling_cfg.top_k, sampling_cfg.top_p)
-    logp, ent = token_logprob_entropy(last_logits[:, None], pending[:, None], sampling_cfg)
     new_len = start + lens_B
+    pending = _sample_rows(_keys_at(keys_B, new_len), last_logits, sampling_cfg)
+    logp, ent = token_logprob_entropy(last_logits[:, None], pending[:, None], sampling_cfg)
     seq = _scatter_rows(seq, new_len[:, None], pending[:, None])
     w = state.hidden_window.shape[1]
     window = jnp.concatenate([state.hidden_window, hidden.astype(state.hidden_window.dtype)], axis=1)
@@ -202,7 +234,7 @@ def _prefill(model: _Model, state: DecodeState, tokens_BxT: Array, lens_B: Array
     return new_state, _Out(tokens=pending[:, None], logprobs=logp, entropy=ent)
 
 
-def _draft(model: _Model, state: DecodeState, key: Array, k_draft: int, sampling_cfg: SamplingConfig,
+def _draft(model: _Model, state: DecodeState, keys_B: Array, k_draft: int, sampling_cfg: SamplingConfig,
            method: str):
     """K draft tokens [B,K] and their logits [B,K,V]; rewrites the MTP window caches."""
     w = state.hidden_window.shape[1]
@@ -210,7 +242,7 @@ def _draft(model: _Model, state: DecodeState, key: Array, k_draft: int, sampling
     pending_idx = state.length[:, None]
     drafts = jnp.zeros((state.seq.shape[0], k_draft), jnp.int32)
     hidden, caches, logits_all = state.hidden_window, [], []
-    keys = jax.random.split(key, k_draft)
+    keys = _split_rows(keys_B, k_draft)  # [B, K]
     for k in range(1, k_draft + 1):
         idx = positions + k
         known = _gather_rows(state.seq, idx)
@@ -222,8 +254,7 @@ def _draft(model: _Model, state: DecodeState, key: Array, k_draft: int, sampling
             d = jnp.argmax(sampling.process_logits(logits, sampling_cfg.temperature or 1.0,
                                                    sampling_cfg.top_k, sampling_cfg.top_p), axis=-1)
         else:
-            d = sampling.sample(keys[k - 1], logits, sampling_cfg.temperature, sampling_cfg.top_k,
-                                sampling_cfg.top_p)
+            d = _sample_rows(keys[:, k - 1], logits, sampling_cfg)
         drafts = drafts.at[:, k - 1].set(d.astype(jnp.int32))
         caches.append(cache)
         logits_all.append(logits)
@@ -262,16 +293,18 @@ def init_state(model_config: ModelConfig, batch: int, cache_len: int, num_depths
         hidden_window=jnp.zeros((batch, w, model_config.hidden_size), dtype))
 
 
-def _verify_step(model: _Model, state: DecodeState, pending: Array, key: Array, k_draft: int,
+def _verify_step(model: _Model, state: DecodeState, pending: Array, keys_B: Array, k_draft: int,
                  sampling_cfg: SamplingConfig, method: str, impl: str):
-    """One draft + verify step -> (emitted [B,K+1] with log-probs/entropies, accepted [B], state, hidden)."""
-    draft_key, verify_key = jax.random.split(key)
-    drafts, draft_logits, mtp_cache = _draft(model, state, draft_key, k_draft, sampling_cfg, method)
+    """One draft + verify step -> (emitted [B,K+1] with log-probs/entropies, accepted [B], state, hidden).
+    ``keys_B``: each row's key for this step (drafts, accept tests and the recovered / bonus token)."""
+    keys = _split_rows(keys_B, 2)
+    drafts, draft_logits, mtp_cache = _draft(model, state, keys[:, 0], k_draft, sampling_cfg, method)
     verify_tokens = jnp.concatenate([pending[:, None], drafts], axis=1)  # [B, K+1]
     hidden_v, target_logits, trunk_cache = model.trunk(
         verify_tokens, _positions(state.length, k_draft + 1), state.trunk_cache)
-    emitted, n_acc = rejection_sample(
-        target_logits, draft_logits, drafts, verify_key, temperature=sampling_cfg.temperature,
+    uniforms, gumbel = jax.vmap(lambda k: draw_randomness(k, 1, k_draft, target_logits.shape[-1]))(keys[:, 1])
+    emitted, n_acc = rejection_sample_with_noise(
+        target_logits, draft_logits, drafts, uniforms[:, 0], gumbel[:, 0], temperature=sampling_cfg.temperature,
         top_k=sampling_cfg.top_k, top_p=sampling_cfg.top_p, method=method, impl=impl)
     # emitted[:, j] (j <= n_acc) is distributed as the target at verify position j
     logp, ent = token_logprob_entropy(target_logits, emitted, sampling_cfg)
@@ -279,15 +312,15 @@ def _verify_step(model: _Model, state: DecodeState, pending: Array, key: Array, 
     return _Out(tokens=emitted, logprobs=logp, entropy=ent), n_acc, new_state, hidden_v
 
 
-def _vanilla_step(model: _Model, state: DecodeState, pending: Array, key: Array, sampling_cfg: SamplingConfig):
+def _vanilla_step(model: _Model, state: DecodeState, pending: Array, keys_B: Array, sampling_cfg: SamplingConfig):
     _, logits, trunk_cache = model.trunk(pending[:, None], state.length[:, None], state.trunk_cache)
-    nxt = sampling.sample(key, logits[:, 0], sampling_cfg.temperature, sampling_cfg.top_k, sampling_cfg.top_p)
+    nxt = _sample_rows(keys_B, logits[:, 0], sampling_cfg)
     logp, ent = token_logprob_entropy(logits, nxt[:, None], sampling_cfg)
     new_state = dataclasses.replace(state, trunk_cache=trunk_cache)
     return _Out(tokens=nxt[:, None], logprobs=logp, entropy=ent), jnp.zeros_like(nxt), new_state
 
 
-def _decode(model: _Model, state: DecodeState, first: _Out, key: Array, *, max_new_tokens: int,
+def _decode(model: _Model, state: DecodeState, first: _Out, keys_B: Array, *, max_new_tokens: int,
             sampling_cfg: SamplingConfig, spec: SpecConfig, eos_id: int | None, impl: str,
             max_steps=None, return_state: bool = False) -> DecodeOutput:
     """The on-device loop after a prefill: emit the pending token ``first``, then step until done.
@@ -312,13 +345,13 @@ def _decode(model: _Model, state: DecodeState, first: _Out, key: Array, *, max_n
 
     def body(carry):
         state, out, n_gen, done, stats = carry
-        step_key = jax.random.fold_in(key, stats["steps"] + 1)
+        step_keys = _keys_at(keys_B, state.length + 1)  # the step's first new token sits at length + 1
         pending = _gather_rows(state.seq, state.length[:, None])[:, 0]
         if k_draft == 0:
-            new, n_acc, new_state = _vanilla_step(model, state, pending, step_key, sampling_cfg)
+            new, n_acc, new_state = _vanilla_step(model, state, pending, step_keys, sampling_cfg)
             hidden_v = None
         else:
-            new, n_acc, new_state, hidden_v = _verify_step(model, state, pending, step_key, k_draft, sampling_cfg,
+            new, n_acc, new_state, hidden_v = _verify_step(model, state, pending, step_keys, k_draft, sampling_cfg,
                                                           spec.method, impl)
         live = ~done
         out, n_gen, done_new, adv = _emit(out, n_gen, done, new, n_acc + 1, eos_id, max_new_tokens)
@@ -383,6 +416,10 @@ def generate_fn(model_config: ModelConfig, *, max_new_tokens: int, sampling: Sam
                 impl: str = "auto", return_state: bool = False):
     """The pure decode function ``(params, prompts [B,P], prompt_lens [B], key) -> DecodeOutput``.
 
+    ``key``: one PRNG key, or one per row ([B]). Every random draw of row b comes from its own
+    key folded with the position of the token it produces, so with per-row keys a row's output
+    depends only on (params, its prompt, its key, the settings), not on the other rows.
+
     Jit it as you like (``jax.jit(fn, in_shardings=..., out_shardings=...)``): it
     runs with no host sync. ``cache_len`` None sizes the caches from the prompts'
     static width. Data are not checked here (use ``generate`` for checked calls);
@@ -395,9 +432,10 @@ def generate_fn(model_config: ModelConfig, *, max_new_tokens: int, sampling: Sam
         k = spec.drafts
         length = cache_len or needed_cache_len(prompts.shape[1], max_new_tokens, spec)
         state = init_state(model_config, prompts.shape[0], length, k)
-        state, first = _prefill(model, state, prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32),
-                                jax.random.fold_in(key, 0), sampling, k)
-        return _decode(model, state, first, key, max_new_tokens=max_new_tokens, sampling_cfg=sampling, spec=spec,
+        keys = row_keys(key, prompts.shape[0])
+        state, first = _prefill(model, state, prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32), keys,
+                                sampling, k)
+        return _decode(model, state, first, keys, max_new_tokens=max_new_tokens, sampling_cfg=sampling, spec=spec,
                        eos_id=eos_id, impl=impl, return_state=return_state)
 
     return fn
@@ -418,9 +456,9 @@ def continue_fn(model_config: ModelConfig, *, max_new_tokens: int, sampling: Sam
         model = _Model(params, model_config)
         pending = _gather_rows(state.seq, state.length[:, None])
         tokens = jnp.concatenate([pending, new_tokens.astype(jnp.int32)], axis=1)
-        state, first = _prefill(model, state, tokens, new_lens.astype(jnp.int32) + 1, jax.random.fold_in(key, 0),
-                                sampling, spec.drafts)
-        return _decode(model, state, first, key, max_new_tokens=max_new_tokens, sampling_cfg=sampling, spec=spec,
+        keys = row_keys(key, tokens.shape[0])
+        state, first = _prefill(model, state, tokens, new_lens.astype(jnp.int32) + 1, keys, sampling, spec.drafts)
+        return _decode(model, state, first, keys, max_new_tokens=max_new_tokens, sampling_cfg=sampling, spec=spec,
                        eos_id=eos_id, impl=impl, return_state=return_state)
 
     return fn
@@ -439,8 +477,9 @@ def fixed_steps_fn(model_config: ModelConfig, *, sampling: SamplingConfig, spec:
         k = spec.drafts
         length = cache_len or needed_cache_len(prompts.shape[1], max_new_tokens, spec)
         state = init_state(model_config, prompts.shape[0], length, k)
-        state, first = _prefill(model, state, prompts, prompt_lens, jax.random.fold_in(key, 0), sampling, k)
-        out = _decode(model, state, first, key, max_new_tokens=max_new_tokens, sampling_cfg=sampling, spec=spec,
+        keys = row_keys(key, prompts.shape[0])
+        state, first = _prefill(model, state, prompts, prompt_lens, keys, sampling, k)
+        out = _decode(model, state, first, keys, max_new_tokens=max_new_tokens, sampling_cfg=sampling, spec=spec,
                       eos_id=None, impl=impl, max_steps=num_steps)
         return out.steps, out.lengths
 

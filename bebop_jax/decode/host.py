@@ -108,7 +108,9 @@ def generate(params, model_config: ModelConfig, prompts, prompt_lens, key, *, ma
     ``spec.adaptive`` the ``controller`` chooses the draft length (calibrating its
     step costs the first time it sees this batch size) and learns from the result.
     ``mesh``: run on this mesh (e.g. a rollout sub-mesh that ``params`` live on), rows
-    split over its data x fsdp axes; every process passes the same prompts.
+    split over its data x fsdp axes; every process passes the same prompts. ``key``: one
+    PRNG key, or one per row ([B]): then each row's output depends on its own key and prompt
+    only, not on the other rows (see ``decoder.row_keys``).
     """
     _check_configs(sampling, spec, max_new_tokens)
     _check_controller(spec, controller)
