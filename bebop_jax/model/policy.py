@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from bebop_jax.config import ModelConfig
 from bebop_jax.model.layers import DecoderLayer, KVCache, RMSNorm, _dense_init, _param, maybe_stop
-from bebop_jax.model.readout import logits as apply_head
+from bebop_jax.model.readout import logits as apply_head, shift
 
 Array = jax.Array
 
@@ -56,11 +56,7 @@ class PolicyFeatures:
 
 def shift_tokens(tokens_BxT: Array, k: int, pad_id: int = 0) -> Array:
     """tokens[:, t + k], padded with ``pad_id`` past the end."""
-    if k == 0:
-        return tokens_BxT
-    b, t = tokens_BxT.shape
-    pad = jnp.full((b, k), pad_id, tokens_BxT.dtype)
-    return jnp.concatenate([tokens_BxT, pad], axis=1)[:, k:k + t]
+    return shift(tokens_BxT, k, pad_id)
 
 
 class MTPModule(nn.Module):

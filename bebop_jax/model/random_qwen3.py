@@ -37,14 +37,26 @@ def qwen3_tokenizer_dir() -> Path:
     return path
 
 
-def random_qwen3_config(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-                        head_dim: int = 16, intermediate_size: int = 192, max_seq_len: int = 2048,
-                        num_mtp_depths: int = 3, vocab_size: int = QWEN3_VOCAB) -> ModelConfig:
-    """A Qwen3-shaped config (tied embeddings, as Qwen3-0.6B/1.7B) at the given size."""
-    return ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                       num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size,
-                       rope_theta=1_000_000.0, tie_embeddings=True, max_seq_len=max_seq_len,
-                       num_mtp_depths=num_mtp_depths, num_mtp_modules=1)
+@dataclasses.dataclass(frozen=True)
+class RandomQwen3Args:
+    out: str = "runs/random_qwen3"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 192
+    max_seq_len: int = 2048
+    num_mtp_depths: int = 3
+    seed: int = 0
+    overwrite: bool = False
+
+    def model_config(self) -> ModelConfig:
+        """The Qwen3-shaped config these sizes describe (tied embeddings, as Qwen3-0.6B/1.7B)."""
+        return ModelConfig(vocab_size=QWEN3_VOCAB, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                           num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           intermediate_size=self.intermediate_size, rope_theta=1_000_000.0, tie_embeddings=True,
+                           max_seq_len=self.max_seq_len, num_mtp_depths=self.num_mtp_depths, num_mtp_modules=1)
 
 
 def write_random_qwen3(path: str | os.PathLike, config: ModelConfig, *, seed: int = 0,
@@ -61,25 +73,9 @@ def write_random_qwen3(path: str | os.PathLike, config: ModelConfig, *, seed: in
     return path
 
 
-@dataclasses.dataclass(frozen=True)
-class RandomQwen3Args:
-    out: str = "runs/random_qwen3"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    intermediate_size: int = 192
-    max_seq_len: int = 2048
-    num_mtp_depths: int = 3
-    seed: int = 0
-    overwrite: bool = False
-
-
 def write_random_qwen3_from(args: RandomQwen3Args) -> Path:
     """``experiments/random_qwen3.py``: the directory ``args`` describe, with a line saying what it holds."""
-    sizes = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in ("out", "seed", "overwrite")}
-    config = random_qwen3_config(**sizes)
+    config = args.model_config()
     path = write_random_qwen3(args.out, config, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote a random Qwen3-shaped checkpoint (V={config.vocab_size}, H={config.hidden_size}, "
           f"{config.num_layers} layers, K={config.num_mtp_depths}) with the Qwen3 tokenizer to {path}")

@@ -45,12 +45,18 @@ def next_token_stats(model_config: ModelConfig, normed_BxTxH: Array, head_HxV: A
         logp, ent = token_logprobs(normed_BxTxH[:, :-1].reshape(-1, h), head_HxV, tokens_BxT[:, 1:].reshape(-1),
                                    temperature=temperature, chunk_size=model_config.vocab_chunk,
                                    impl=model_config.vocab_ops_impl)
-        logp, ent = logp.reshape(b, t - 1), ent.reshape(b, t - 1)
-    else:
-        logp_all = jax.nn.log_softmax(logits(normed_BxTxH[:, :-1], head_HxV) / jnp.float32(temperature), axis=-1)
-        logp = jnp.take_along_axis(logp_all, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-        ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    pad = jnp.zeros((b, 1), jnp.float32)
+        pad = jnp.zeros((b, 1), jnp.float32)
+        return (jnp.concatenate([pad, logp.reshape(b, t - 1)], axis=1),
+                jnp.concatenate([pad, ent.reshape(b, t - 1)], axis=1))
+    return next_token_stats_from_logits(logits(normed_BxTxH, head_HxV), tokens_BxT, temperature)
+
+
+def next_token_stats_from_logits(logits_BxTxV: Array, tokens_BxT: Array, temperature: float) -> tuple[Array, Array]:
+    """``next_token_stats`` by the dense formula, from the trunk's logits [B,T,V]."""
+    logp_all = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32) / jnp.float32(temperature), axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    pad = jnp.zeros_like(logp[:, :1])
     return jnp.concatenate([pad, logp], axis=1), jnp.concatenate([pad, ent], axis=1)
 
 

@@ -52,21 +52,26 @@ def chunking(vocab_size: int, chunk_size: int | None) -> Chunking:
 
 
 def chunk_logits(hidden_NxH, head_HxC, fresh_C, temperature: float):
-    """float32 [N, C] logits / temperature, -inf on columns an earlier chunk covered."""
+    """float32 [N, C] logits / temperature, -inf on columns an earlier chunk covered (``fresh``:
+    [C], or [1, C] inside the Pallas kernels)."""
     z = jnp.dot(hidden_NxH, head_HxC, preferred_element_type=jnp.float32) / temperature
-    return jnp.where(fresh_C[None, :], z, -jnp.inf)
+    return jnp.where(fresh_C, z, -jnp.inf)
 
 
 def online_update(m_N, s_N, z_NxC, *weighted):
     """One step of an online log-sum-exp: the running max ``m``, ``s = sum exp(z - m)``, and any
-    ``sum exp(z - m) * w`` (each ``(acc_N, w_NxC)`` in ``weighted``), rescaled to the new max."""
-    m_new = jnp.maximum(m_N, jnp.max(z_NxC, axis=-1))
+    ``sum exp(z - m) * w`` (each ``(acc_N, w_NxC)`` in ``weighted``), rescaled to the new max.
+    The per-row accumulators are [N] in the XLA loops and [N, 1] inside the Pallas kernels
+    (2-D, as Mosaic and Triton want)."""
+    keep = m_N.ndim == z_NxC.ndim
+    row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=keep)
+    m_new = jnp.maximum(m_N, jnp.max(z_NxC, axis=-1, keepdims=keep))
     safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     scale = jnp.exp(jnp.where(jnp.isfinite(m_N), m_N - safe, -jnp.inf))
-    e = jnp.exp(z_NxC - safe[:, None])
-    out = [m_new, s_N * scale + jnp.sum(e, axis=-1)]
+    e = jnp.exp(z_NxC - (safe if keep else safe[:, None]))
+    out = [m_new, s_N * scale + row_sum(e)]
     for acc_N, w_NxC in weighted:
-        out.append(acc_N * scale + jnp.sum(jnp.where(e > 0, e * w_NxC, 0.0), axis=-1))
+        out.append(acc_N * scale + row_sum(jnp.where(e > 0, e * w_NxC, 0.0)))
     return out
 
 

@@ -34,82 +34,73 @@ F32 = jnp.float32
 BIG = jnp.iinfo(jnp.int32).max
 
 
-def _pass1_pallas(th, dh, w, temperature, kernel):
-    def body(blocks, head, cols, fresh, carry):
-        mp, sp, sd, se, mq, sq, top = carry
-        zp, zq = (ps.chunk_z(x, head, fresh, temperature) for x in blocks)
-        mp, sp, sd, se = ps.online(mp, sp, zp, (sd, zp - jnp.where(fresh, zq, 0.0)), (se, zp))
-        cmax = jnp.max(zq, axis=1, keepdims=True)
-        first = jnp.min(jnp.where(zq == cmax, cols, BIG), axis=1, keepdims=True)
-        top = jnp.where(cmax > mq, first, top)
-        mq, sq = ps.online(mq, sq, zq)
-        return [mp, sp, sd, se, mq, sq, top]
-
-    inits = [(1, F32, -jnp.inf), (1, F32, 0.0), (1, F32, 0.0), (1, F32, 0.0), (1, F32, -jnp.inf), (1, F32, 0.0),
-             (1, jnp.int32, 0)]
-    return tuple(x[:, 0] for x in kernel.rows(body, [th, dh], w, inits))
+def _pass1_step(carry, zp, zq, fresh, cols):
+    """One chunk of pass 1: both online log-sum-exps, E_p[z^p - z^q] and E_p[z^p] unnormalised,
+    and the first maximal draft column so far. Per-row values are [N] (XLA loop) or [N, 1] (kernel)."""
+    mp, sp, sd, se, mq, sq, top = carry
+    keep = mq.ndim == zq.ndim
+    mp, sp, sd, se = online_update(mp, sp, zp, (sd, zp - jnp.where(fresh, zq, 0.0)), (se, zp))
+    cmax = jnp.max(zq, axis=-1, keepdims=keep)
+    first = jnp.min(jnp.where(zq == (cmax if keep else cmax[:, None]), cols, BIG), axis=-1, keepdims=keep)
+    top = jnp.where(cmax > mq, first, top)  # strictly greater: an earlier chunk keeps a tie
+    mq, sq = online_update(mq, sq, zq)
+    return mp, sp, sd, se, mq, sq, top
 
 
 def _pass1(th, dh, w, chunks, temperature, axis, kernel):
     """Per row: lse_p, lse_q, E_p[z^p - z^q], E_p[z^p], and the argmax of z^q (a global column id)."""
-    n = th.shape[0]
-    ninf, zero = jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32)
-
-    def body(i, carry):
-        mp, sp, sd, se, mq, sq, top = carry
-        fresh = chunks.fresh(i)
-        head = chunks.head(w, i)
-        zp, zq = chunk_logits(th, head, fresh, temperature), chunk_logits(dh, head, fresh, temperature)
-        mp, sp, sd, se = online_update(mp, sp, zp, (sd, zp - jnp.where(fresh[None, :], zq, 0.0)), (se, zp))
-        top = jnp.where(jnp.max(zq, axis=-1) > mq, chunks.start(i) + jnp.argmax(zq, axis=-1).astype(jnp.int32), top)
-        mq, sq = online_update(mq, sq, zq)
-        return mp, sp, sd, se, mq, sq, top
-
-    init = (ninf, zero, zero, zero, ninf, zero, jnp.zeros((n,), jnp.int32))
     if kernel is not None:
-        mp, sp, sd, se, mq, sq, top = _pass1_pallas(th, dh, w, temperature, kernel)
+        def kbody(blocks, head, cols, fresh, carry):
+            zp, zq = (chunk_logits(x, head, fresh, temperature) for x in blocks)
+            return list(_pass1_step(carry, zp, zq, fresh, cols))
+
+        inits = [(1, F32, -jnp.inf), (1, F32, 0.0), (1, F32, 0.0), (1, F32, 0.0), (1, F32, -jnp.inf),
+                 (1, F32, 0.0), (1, jnp.int32, 0)]
+        mp, sp, sd, se, mq, sq, top = (x[:, 0] for x in kernel.rows(kbody, [th, dh], w, inits))
     else:
+        def body(i, carry):
+            fresh, head = chunks.fresh(i), chunks.head(w, i)
+            zp, zq = chunk_logits(th, head, fresh, temperature), chunk_logits(dh, head, fresh, temperature)
+            return _pass1_step(carry, zp, zq, fresh, chunks.start(i) + jnp.arange(chunks.chunk, dtype=jnp.int32))
+
+        n = th.shape[0]
+        ninf, zero = jnp.full((n,), -jnp.inf, F32), jnp.zeros((n,), F32)
+        init = (ninf, zero, zero, zero, ninf, zero, jnp.zeros((n,), jnp.int32))
         mp, sp, sd, se, mq, sq, top = jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, init))
     if axis is not None:  # the first maximal column over all shards
         top = top + jax.lax.axis_index(axis) * w.shape[1]
-        top = jax.lax.pmin(jnp.where(mq == jax.lax.pmax(mq, axis), top, jnp.iinfo(jnp.int32).max), axis)
+        top = jax.lax.pmin(jnp.where(mq == jax.lax.pmax(mq, axis), top, BIG), axis)
     mp, sp, sd, se = combine(axis, mp, sp, sd, se)
     mq, sq = combine(axis, mq, sq)
     return mp + jnp.log(sp), mq + jnp.log(sq), sd / sp, se / sp, top
 
 
 def _probs(th, dh, head, fresh, lse_p, lse_q, temperature):
-    p = jnp.exp(chunk_logits(th, head, fresh, temperature) - lse_p[:, None])
-    q = jnp.exp(chunk_logits(dh, head, fresh, temperature) - lse_q[:, None])
-    return p, q
+    """(p, q) [N, C] of a chunk; ``lse_p`` / ``lse_q`` as [N, 1] columns."""
+    return (jnp.exp(chunk_logits(th, head, fresh, temperature) - lse_p),
+            jnp.exp(chunk_logits(dh, head, fresh, temperature) - lse_q))
+
+
+def _pass2_step(carry, p, q):
+    """One chunk of pass 2: sum min(p, q) and S = sum_{q < p} q (per-row values [N] or [N, 1])."""
+    keep = carry[0].ndim == p.ndim
+    return [carry[0] + jnp.sum(jnp.minimum(p, q), axis=-1, keepdims=keep),
+            carry[1] + jnp.sum(jnp.where(q < p, q, 0.0), axis=-1, keepdims=keep)]
 
 
 def _pass2(th, dh, w, chunks, temperature, lse_p, lse_q, axis, kernel):
-    n = th.shape[0]
     if kernel is not None:
-        def kbody(blocks, head, cols, fresh, carry):
-            p, q = _kernel_probs(blocks, head, fresh, temperature)
-            return [carry[0] + jnp.sum(jnp.minimum(p, q), axis=1, keepdims=True),
-                    carry[1] + jnp.sum(jnp.where(q < p, q, 0.0), axis=1, keepdims=True)]
-
+        kbody = lambda blocks, head, cols, fresh, carry: _pass2_step(carry, *_probs(*blocks[:2], head, fresh,
+                                                                                    *blocks[2:4], temperature))
         rows = [th, dh, lse_p[:, None], lse_q[:, None]]
         return tuple(vocab_sum(axis, x[:, 0]) for x in kernel.rows(kbody, rows, w, [(1, F32, 0.0)] * 2))
 
     def body(i, carry):
-        alpha, s = carry
-        fresh = chunks.fresh(i)
-        p, q = _probs(th, dh, chunks.head(w, i), fresh, lse_p, lse_q, temperature)
-        return alpha + jnp.sum(jnp.minimum(p, q), axis=-1), s + jnp.sum(jnp.where(q < p, q, 0.0), axis=-1)
+        return tuple(_pass2_step(carry, *_probs(th, dh, chunks.head(w, i), chunks.fresh(i), lse_p[:, None],
+                                                lse_q[:, None], temperature)))
 
-    zero = jnp.zeros((n,), jnp.float32)
+    zero = jnp.zeros((th.shape[0],), F32)
     return tuple(vocab_sum(axis, x) for x in jax.lax.fori_loop(0, chunks.num_chunks, body, varying(axis, (zero, zero))))
-
-
-def _kernel_probs(blocks, head, fresh, temperature):
-    """(p, q) [bn, C] of a kernel's row blocks (target, draft, lse_p, lse_q, ...)."""
-    th, dh, lse_p, lse_q = blocks[:4]
-    return (jnp.exp(ps.chunk_z(th, head, fresh, temperature) - lse_p),
-            jnp.exp(ps.chunk_z(dh, head, fresh, temperature) - lse_q))
 
 
 def _dz(p, q, s, g_a, g_kl, g_ce):
@@ -163,7 +154,7 @@ def _bwd_core(st: OpSettings, head_grad: bool, th, dh, w, labels, lse_p, lse_q, 
         rows = [th, dh] + [x[:, None] for x in (lse_p, lse_q, s, g_a, g_kl, g_ce)]
 
         def dz_of(blocks, head, fresh):
-            return _dz(*_kernel_probs(blocks, head, fresh, temperature), *blocks[4:])
+            return _dz(*_probs(*blocks[:2], head, fresh, *blocks[2:4], temperature), *blocks[4:])
 
         def dh_body(blocks, head, cols, fresh, carry):
             return [carry[0] + ps.rows_times_head_t(dz_of(blocks, head, fresh), head) / temperature]
@@ -176,7 +167,7 @@ def _bwd_core(st: OpSettings, head_grad: bool, th, dh, w, labels, lse_p, lse_q, 
             d_dh, d_w = carry
             head = chunks.head(w, i)
             fresh = chunks.fresh(i)
-            p, q = _probs(th, dh, head, fresh, lse_p, lse_q, temperature)
+            p, q = _probs(th, dh, head, fresh, lse_p[:, None], lse_q[:, None], temperature)
             dz = _dz(p, q, s[:, None], g_a[:, None], g_kl[:, None], g_ce[:, None])
             if head_grad:
                 d_w = chunks.add_to(d_w, jnp.dot(dh32.T, dz) / temperature, i)

@@ -203,26 +203,7 @@ def on_platform(fn: Callable, interpret: str | None):
 
 
 # ------------------------------------------------------------------ helpers for kernel bodies
-# Per-row accumulators are [rows, 1] columns inside kernels (2-D, as Mosaic and Triton want).
-
-
-def chunk_z(hidden, head, fresh, temperature: float):
-    """float32 [bn, C] logits / temperature of a row block against a head chunk, -inf on
-    columns that are not fresh."""
-    z = jnp.dot(hidden, head, preferred_element_type=jnp.float32) / temperature
-    return jnp.where(fresh, z, -jnp.inf)
-
-
-def online(m, s, z, *weighted):
-    """``ops.chunks.online_update`` on [bn, 1] columns: every chunk has a fresh column, so the new
-    max is finite and ``exp(m - m_new)`` is 0 on the first chunk (m = -inf)."""
-    m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
-    scale = jnp.exp(m - m_new)
-    e = jnp.exp(z - m_new)
-    out = [m_new, s * scale + jnp.sum(e, axis=1, keepdims=True)]
-    for acc, w in weighted:
-        out.append(acc * scale + jnp.sum(jnp.where(e > 0, e * w, 0.0), axis=1, keepdims=True))
-    return out
+# (the logits and the online log-sum-exp are ops.chunks.chunk_logits / online_update)
 
 
 def rows_times_head_t(dz, head):

@@ -31,8 +31,8 @@ def _stats(hidden_NxH, lm_head_HxV, chunks, temperature, axis, kernel):
     n = hidden_NxH.shape[0]
     if kernel is not None:
         def body(blocks, head, cols, fresh, carry):
-            z = ps.chunk_z(blocks[0], head, fresh, temperature)
-            return ps.online(carry[0], carry[1], z, (carry[2], z))
+            z = chunk_logits(blocks[0], head, fresh, temperature)
+            return online_update(carry[0], carry[1], z, (carry[2], z))
 
         m, s, sz = (x[:, 0] for x in kernel.rows(body, [hidden_NxH], lm_head_HxV,
                                                    [(1, F32, -jnp.inf), (1, F32, 0.0), (1, F32, 0.0)]))
@@ -83,7 +83,7 @@ def _grads_pallas(hidden_NxH, lm_head_HxV, lse, mean_z, g_logp, g_ent, temperatu
 
     def dz_of(blocks, head, fresh):
         h, lse_b, mz, gl, ge = blocks
-        return _dz(ps.chunk_z(h, head, fresh, temperature), fresh, lse_b, mz, gl, ge)
+        return _dz(chunk_logits(h, head, fresh, temperature), fresh, lse_b, mz, gl, ge)
 
     def dh_body(blocks, head, cols, fresh, carry):
         return [carry[0] + ps.rows_times_head_t(dz_of(blocks, head, fresh), head) / temperature]

@@ -38,16 +38,6 @@ def trunk_features(params, model_config: ModelConfig, tokens_BxT: Array) -> tupl
     return hidden, normed, policy.apply({"params": params}, method=Policy.head_weight)
 
 
-def sequence_logprobs(logits_BxTxV: Array, tokens_BxT: Array, temperature: float) -> tuple[Array, Array]:
-    """(log p(x_t | x_<t) [B,T], entropy of that distribution [B,T]) from logits; column 0 is 0
-    (no prediction). The dense formula: the learner reads hidden states (``readout.next_token_stats``)."""
-    logp_all = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32) / jnp.float32(temperature), axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    pad = jnp.zeros_like(logp[:, :1])
-    return jnp.concatenate([pad, logp], axis=1), jnp.concatenate([pad, ent], axis=1)
-
-
 @functools.partial(jax.jit, static_argnames=("model_config", "temperature"))
 def policy_logprobs(params, tokens_BxT: Array, *, model_config: ModelConfig, temperature: float) -> Array:
     """[B, T] log-probs of ``tokens`` under ``params`` (old / reference log-probs on the train mesh)."""
@@ -70,7 +60,7 @@ def loss_from_logprobs(logp_BxT: Array, ent_BxT: Array, batch: RolloutBatch, grp
 def loss_from_logits(logits_BxTxV: Array, batch: RolloutBatch, grpo: GRPOConfig, temperature: float, *,
                      decoupled: bool) -> tuple[Array, dict]:
     """``policy_loss`` of a batch given the policy's logits (so tests can differentiate w.r.t. them)."""
-    logp, ent = sequence_logprobs(logits_BxTxV, batch.tokens, temperature)
+    logp, ent = readout.next_token_stats_from_logits(logits_BxTxV, batch.tokens, temperature)
     return loss_from_logprobs(logp, ent, batch, grpo, decoupled=decoupled)
 
 
